@@ -1,0 +1,48 @@
+# The project's interface. Every target sets itself up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU build of torch on this disk for dev and CI; users get a normal range from pyproject.toml.
+TORCH_PIN ?= torch==2.13.0
+DEMO_DIR ?= demo-out
+
+.PHONY: install demo test lint format suite fuzz bench docs clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	bash scripts/demo.sh $(DEMO_DIR)
+
+lint: install
+	$(BIN)/ruff check llamapro_cli tests bench
+	$(BIN)/ruff format --check llamapro_cli tests bench
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix llamapro_cli tests bench
+	$(BIN)/ruff format llamapro_cli tests bench
+
+suite: install
+	$(BIN)/pytest -n 2 -q
+
+test: lint suite
+
+fuzz: install
+	LLAMAPRO_FUZZ_EXAMPLES=20000 $(BIN)/pytest -q tests/test_fuzz.py
+
+bench: install
+	$(BIN)/python bench/run.py
+
+docs: install
+	$(BIN)/python -m mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache site

@@ -1,0 +1,128 @@
+"""`describe_checkpoint()`: what a checkpoint is, from its config and headers alone (for `inspect`).
+
+Kept apart from `checkpoint.py` so that module stays about loading and validation. Invariant: reads
+headers only, never tensor data; returns a frozen report whose `asdict` is the `--json` document.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .architectures import layer_kinds
+from .checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    name: str
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """How the checkpoint was expanded, from its `llamapro.json`."""
+
+    tool: str
+    source: str | None
+    num_layers_in: int
+    plan: dict[str, Any]
+    new_layers: tuple[int, ...]
+    sources: tuple[int, ...]
+    digests: bool
+    generations: int  # 1 + number of nested parent records
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    path: str
+    repo_id: str | None
+    architecture: str
+    model_type: str
+    architectures: tuple[str, ...]
+    num_layers: int
+    hidden_size: int | None
+    layer_prefix: str
+    layer_kinds: tuple[str, ...] | None
+    dtypes: dict[str, int]  # dtype -> parameter count
+    shards: tuple[ShardSummary, ...]
+    tensors: int
+    parameters: int
+    parameters_per_layer: tuple[int, ...]
+    parameters_outside_layers: int
+    total_bytes: int
+    tied_embeddings: bool
+    quantization: str | None
+    expanded: Expansion | None
+
+
+def describe_checkpoint(source: str | Path | Checkpoint, *, revision: str | None = None) -> InspectReport:
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, revision=revision)
+    family = ckpt.family
+    sub = family.sub_config(ckpt.config)
+    regex = family.block_regex()
+    per_layer = [0] * ckpt.num_layers
+    dtypes: Counter[str] = Counter()
+    outside = 0
+    for name in ckpt.weight_map:
+        info = ckpt.info(name)
+        dtypes[info.dtype] += info.numel
+        m = regex.match(name)
+        if m and int(m.group(1)) < ckpt.num_layers:
+            per_layer[int(m.group(1))] += info.numel
+        else:
+            outside += info.numel
+    kinds = layer_kinds(family, ckpt.config)
+    qc = ckpt.config.get("quantization_config")
+    return InspectReport(
+        path=str(ckpt.root),
+        repo_id=ckpt.repo_id,
+        architecture=family.name,
+        model_type=str(ckpt.config.get("model_type")),
+        architectures=tuple(ckpt.config.get("architectures") or ()),
+        num_layers=ckpt.num_layers,
+        hidden_size=sub.get("hidden_size"),
+        layer_prefix=family.layer_prefix,
+        layer_kinds=tuple(kinds) if kinds else None,
+        dtypes=dict(dtypes.most_common()),
+        shards=tuple(ShardSummary(name, len(h.tensors), h.file_size) for name, h in ckpt.headers.items()),
+        tensors=len(ckpt.weight_map),
+        parameters=sum(per_layer) + outside,
+        parameters_per_layer=tuple(per_layer),
+        parameters_outside_layers=outside,
+        total_bytes=ckpt.total_bytes(),
+        tied_embeddings=_tied(ckpt),
+        quantization=str(qc.get("quant_method")) if isinstance(qc, dict) else None,
+        expanded=_expansion(ckpt.provenance),
+    )
+
+
+def _tied(ckpt: Checkpoint) -> bool:
+    sub = ckpt.family.sub_config(ckpt.config)
+    tied = sub.get("tie_word_embeddings", ckpt.config.get("tie_word_embeddings"))
+    has_head = any(name in ckpt.weight_map for name in ckpt.family.roles.head)
+    return bool(tied) or not has_head
+
+
+def _expansion(record: dict[str, Any] | None) -> Expansion | None:
+    if not record:
+        return None
+    layers = record.get("layers") or []
+    new = tuple(int(x["index"]) for x in layers if x.get("identity"))
+    src = record.get("source") or {}
+    generations, parent = 1, record.get("parent")
+    while isinstance(parent, dict):
+        generations, parent = generations + 1, parent.get("parent")
+    return Expansion(
+        tool=str(record.get("tool")),
+        source=src.get("repo_id") or src.get("path"),
+        num_layers_in=int(src.get("num_layers") or 0),
+        plan=dict(record.get("plan") or {}),
+        new_layers=new,
+        sources=tuple(int(x["source"]) for x in layers if x.get("identity")),
+        digests=bool(record.get("digests")),
+        generations=generations,
+    )

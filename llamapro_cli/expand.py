@@ -1,0 +1,361 @@
+"""Execute an expansion plan: byte surgery from input shards into a new, complete model folder.
+
+Every output tensor is either a byte range of an input shard (an original layer, a copied layer, a
+non-block tensor) or zeros (the branch-final tensors of an identity copy). Nothing is decoded, so any
+dtype works and memory stays at the size of the headers. The output is written into a temporary
+sibling folder `<out>.partial-<random>` (with a marker naming the pid) and renamed into place only when
+complete; any error, SIGINT or SIGTERM removes it.
+
+Invariant: the input is only ever opened read-only; the output either appears complete or not at all.
+Must not: print, import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .architectures import rewrite_config
+from .checkpoint import INDEX_NAME, PROVENANCE_NAME, Checkpoint
+from .errors import OutputError, UsageError
+from .outdir import atomic_output, check_disjoint, free_space
+from .plan import ExpansionPlan, NewLayer, Placement, plan_expansion
+from .safetensors_io import OutTensor, header_bytes, write_shard
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+# Files carried over into the output (design.md §3). Everything else is listed, not copied.
+CARRY_PATTERNS = (
+    "tokenizer*",
+    "*.tiktoken",
+    "vocab.*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template*",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "LICENSE*",
+    "NOTICE*",
+    "USE_POLICY*",
+    "README.md",
+)
+_OWN_FILES = re.compile(r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)$")
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    name: str
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ExpandReport:
+    """What `expand` did (or, with dry_run, would do). `--json` prints exactly this."""
+
+    source: str
+    out: str
+    dry_run: bool
+    architecture: str
+    num_layers_in: int
+    num_layers_out: int
+    plan: dict[str, Any]
+    layers: tuple[NewLayer, ...]
+    shards: tuple[ShardReport, ...]
+    total_size: int
+    bytes_to_write: int
+    zeroed: int
+    parameters_in: int
+    parameters_out: int
+    carried: tuple[str, ...]
+    not_copied: tuple[str, ...]
+    warnings: tuple[str, ...]
+    free_space: int
+    digests: bool
+    seconds: float
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal and binary units, like huggingface_hub)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-shard-size {text!r} is not a size", hint="e.g. 5GB, 500MB, 2GiB")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0])
+    size = int(float(m.group(1)) * base**power)
+    if size < 1:
+        raise UsageError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def expand(
+    source: str | Path | Checkpoint,
+    out: str | Path,
+    *,
+    every: int | None = None,
+    copies: int | None = None,
+    after: Sequence[int] | None = None,
+    add: int | None = None,
+    placement: Placement | str = Placement.INTERLEAVE,
+    revision: str | None = None,
+    max_shard_size: str | int = "5GB",
+    digests: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    command: str | None = None,
+) -> ExpandReport:
+    """Expand a checkpoint folder (or hub repo id) into `out`; see design.md §3 for the plan semantics."""
+    started = time.monotonic()
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, revision=revision)
+    plan = plan_expansion(
+        ckpt.num_layers, every=every, copies=copies, after=after, add=add, placement=placement
+    )
+    out_path = Path(out).expanduser().absolute()
+    check_disjoint(ckpt.root, out_path)
+    job = _prepare(ckpt, plan, out_path, parse_size(max_shard_size), command)
+    if not dry_run:
+        with atomic_output(out_path, force=force, need_bytes=job.bytes_to_write) as tmp:
+            _write(job, tmp, digests=digests, progress=progress)
+    return job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything decided before the first byte is written."""
+
+    ckpt: Checkpoint
+    plan: ExpansionPlan
+    out: Path
+    config: dict[str, Any]
+    shards: tuple[tuple[str, tuple[OutTensor, ...]], ...]
+    zeroed: tuple[str, ...]
+    carried: tuple[str, ...]
+    not_copied: tuple[str, ...]
+    warnings: tuple[str, ...]
+    command: str | None
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(t.nbytes for _, tensors in self.shards for t in tensors if t.source is not None)
+
+    def metadata(self) -> dict[str, str]:
+        first = next(iter(self.ckpt.headers.values()))
+        meta = {k: v for k, v in first.metadata.items() if not k.startswith("llamapro")}
+        meta.setdefault("format", "pt")  # transformers 4 refuses shards without it
+        meta["llamapro_version"] = __version__
+        meta["llamapro_layers"] = f"{self.plan.num_layers_in}->{self.plan.num_layers_out}"
+        meta["llamapro_provenance_sha256"] = "0" * 64  # placeholder of the real length, set in _write
+        return meta
+
+    def report(self, *, dry_run: bool, digests: bool, seconds: float) -> ExpandReport:
+        meta = self.metadata()
+        shard_reports = tuple(
+            ShardReport(name, len(ts), len(header_bytes(ts, meta)) + sum(t.nbytes for t in ts))
+            for name, ts in self.shards
+        )
+        return ExpandReport(
+            source=self.ckpt.repo_id or str(self.ckpt.root),
+            out=str(self.out),
+            dry_run=dry_run,
+            architecture=self.ckpt.family.name,
+            num_layers_in=self.plan.num_layers_in,
+            num_layers_out=self.plan.num_layers_out,
+            plan=self.plan.to_record(),
+            layers=self.plan.layers,
+            shards=shard_reports,
+            total_size=sum(s.bytes for s in shard_reports),
+            bytes_to_write=self.bytes_to_write,
+            zeroed=len(self.zeroed),
+            parameters_in=self.ckpt.parameter_count(),
+            parameters_out=sum(_numel(t.shape) for _, ts in self.shards for t in ts),
+            carried=self.carried,
+            not_copied=self.not_copied,
+            warnings=self.warnings,
+            free_space=free_space(self.out),
+            digests=digests,
+            seconds=round(seconds, 3),
+        )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, command: str | None) -> _Job:
+    config, config_warnings = rewrite_config(ckpt.family, ckpt.config, plan)
+    tensors, zeroed = _tensor_ops(ckpt, plan)
+    shards = _split(tensors, max_shard)
+    carried, not_copied = _companions(ckpt.root)
+    return _Job(
+        ckpt=ckpt,
+        plan=plan,
+        out=out,
+        config=config,
+        shards=shards,
+        zeroed=tuple(zeroed),
+        carried=tuple(carried),
+        not_copied=tuple(not_copied),
+        warnings=plan.warnings + tuple(config_warnings),
+        command=command,
+    )
+
+
+def _tensor_ops(ckpt: Checkpoint, plan: ExpansionPlan) -> tuple[list[OutTensor], list[str]]:
+    """Output tensors in layer order: leading non-block tensors, blocks 0..n-1, trailing ones."""
+    blocks, other = ckpt.split_blocks()
+    first_block = min((i for i, n in enumerate(ckpt.tensor_names()) if n not in set(other)), default=0)
+    order = {name: i for i, name in enumerate(ckpt.tensor_names())}
+    lead = [n for n in other if order[n] < first_block]
+    tail = [n for n in other if order[n] >= first_block]
+    out: list[OutTensor] = [_copy(ckpt, n, n) for n in lead]
+    zeroed: list[str] = []
+    prefix = ckpt.family.layer_prefix
+    for layer in plan.layers:
+        for rel in blocks[layer.source]:
+            dst = f"{prefix}{layer.index}.{rel}"
+            if layer.identity and ckpt.family.is_zeroed(rel):
+                info = ckpt.info(f"{prefix}{layer.source}.{rel}")
+                out.append(OutTensor(dst, info.dtype, info.shape))
+                zeroed.append(dst)
+            else:
+                out.append(_copy(ckpt, f"{prefix}{layer.source}.{rel}", dst))
+    out.extend(_copy(ckpt, n, n) for n in tail)
+    return out, zeroed
+
+
+def _copy(ckpt: Checkpoint, src: str, dst: str) -> OutTensor:
+    info = ckpt.info(src)
+    path, offset = ckpt.location(src)
+    return OutTensor(dst, info.dtype, info.shape, source=path, offset=offset)
+
+
+def _split(tensors: list[OutTensor], max_shard: int) -> tuple[tuple[str, tuple[OutTensor, ...]], ...]:
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    by_name = {t.name: t for t in tensors}
+    split = split_state_dict_into_shards_factory(
+        by_name,
+        get_storage_size=lambda t: t.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard,
+    )
+    return tuple(
+        (fname, tuple(by_name[n] for n in names)) for fname, names in split.filename_to_tensors.items()
+    )
+
+
+def _companions(root: Path) -> tuple[list[str], list[str]]:
+    carried: list[str] = []
+    not_copied: list[str] = []
+    for entry in sorted(root.iterdir()):
+        name = entry.name
+        if name.startswith(".") or _OWN_FILES.match(name) or name == PROVENANCE_NAME:
+            continue
+        if entry.is_file() and any(fnmatch.fnmatch(name, p) for p in CARRY_PATTERNS):
+            carried.append(name)
+        else:
+            not_copied.append(name + ("/" if entry.is_dir() else ""))
+    return carried, not_copied
+
+
+def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> None:
+    total = job.bytes_to_write + sum(t.nbytes for _, ts in job.shards for t in ts if t.source is None)
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    meta = job.metadata()
+    record = _provenance(job)
+    meta["llamapro_provenance_sha256"] = _sha256_json(record)
+    hashes: dict[str, str] = {}
+    for name, tensors in job.shards:
+        hashes.update(write_shard(tmp / name, tensors, meta, digests=digests, progress=step))
+    if len(job.shards) > 1:
+        _write_index(tmp / INDEX_NAME, job)
+    _write_json(tmp / "config.json", job.config)
+    if digests:
+        record["digests"] = {"algorithm": "sha256", "tensors": hashes}
+    _write_json(tmp / PROVENANCE_NAME, record)
+    for name in job.carried:
+        shutil.copyfile(job.ckpt.root / name, tmp / name)  # follows hub-cache symlinks
+
+
+def _write_index(path: Path, job: _Job) -> None:
+    # total_size counts tensor bytes only, as transformers and huggingface_hub write it.
+    total = sum(t.nbytes for _, ts in job.shards for t in ts)
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {t.name: name for name, ts in job.shards for t in ts},
+    }
+    _write_json(path, index)
+
+
+def _provenance(job: _Job) -> dict[str, Any]:
+    ckpt = job.ckpt
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": f"llamapro {__version__}",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": job.command,
+        "source": {
+            "path": None if ckpt.repo_id else str(ckpt.root),
+            "repo_id": ckpt.repo_id,
+            "revision": ckpt.revision,
+            "config_sha256": ckpt.config_sha256,
+            "architecture": ckpt.family.name,
+            "num_layers": ckpt.num_layers,
+        },
+        "plan": job.plan.to_record(),
+        "layer_prefix": ckpt.family.layer_prefix,
+        "num_layers": job.plan.num_layers_out,
+        "layers": [asdict(layer) for layer in job.plan.layers],
+        "zeroed": list(job.zeroed),
+        "digests": None,
+        "parent": ckpt.provenance,
+    }
+
+
+def _sha256_json(record: dict[str, Any]) -> str:
+    """sha256 of the provenance record as written, with `digests` null (they are computed later)."""
+    import hashlib
+
+    return hashlib.sha256(_json_text(record).encode()).hexdigest()
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(_json_text(data))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {os.strerror(e.errno or 0)}") from e
