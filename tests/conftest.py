@@ -1,0 +1,60 @@
+"""Shared pytest plumbing: one torch thread per xdist worker, `gpu` auto-skip, and the `tiny_model`
+factory (each tiny checkpoint is built once per session per worker). Markers live in pyproject.toml.
+
+Test modules import helpers as `import tiny_models` (pytest puts this directory on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Before torch is imported anywhere: the suite runs `-n 2` on two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        yield
+        return
+    torch.set_num_threads(1)
+    yield
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`tiny_model(family, variant="default", **build_kw) -> Path`, built once per session (per worker).
+    Treat the returned directory as read-only: it is shared by every test that asks for it."""
+    pytest.importorskip("transformers")
+    import tiny_models
+
+    cache: dict[tuple[Any, ...], Path] = {}
+
+    def make(family: str, variant: str = "default", **kw: Any) -> Path:
+        key = (family, variant, tuple(sorted(kw.items())))
+        if key not in cache:
+            label = re.sub(r"[^A-Za-z0-9_-]+", "_", "-".join(map(str, (family, variant, *kw.values()))))
+            dest = tmp_path_factory.mktemp(label)
+            cache[key] = tiny_models.build_tiny(family, dest, variant=variant, **kw)
+        return cache[key]
+
+    return make

@@ -1,0 +1,378 @@
+"""Tiny transformers checkpoints and the logits oracle every identity test uses.
+
+Owns: building tiny seeded models of each supported family from their transformers config classes (no
+downloads), loading them strictly (no missing/unexpected/mismatched keys: transformers only *warns* and
+random-initialises gaps), and comparing base vs expanded logits bit for bit (full forward, cached decoding,
+greedy generation).
+
+Invariant: every comparison is `torch.equal`, never allclose; an expansion that is not exact fails.
+
+Must not: be imported by the product, download anything, or hold two models in memory at once.
+`reference_expand` is a deliberately naive in-memory expander that exists only to test this oracle.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+# Shape shared by every family: small enough to build in ~0.1 s, big enough for GQA and windows.
+COMMON_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 6,
+    "vocab_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+NOISE_STD = 0.08  # added to every parameter, so norm weights != 1 and biases != 0
+WINDOW = 4  # sliding window where a family has one; test sequences must be longer
+BLOCK_PREFIX = "model.layers."  # on-disk block prefix of every family in FAMILIES
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One checkpoint flavour: config overrides plus edits applied to the saved config.json."""
+
+    config: Mapping[str, Any] = field(default_factory=dict)
+    max_shard_size: str | None = None
+    min_shards: int = 1
+    drop_keys: tuple[str, ...] = ()  # removed from config.json after saving (legacy hub configs)
+    rename_keys: Mapping[str, str] = field(default_factory=dict)  # config.json key aliases
+    layer_types: bool | None = None  # True: config.json must list them; False: must not; None: don't care
+
+
+@dataclass(frozen=True)
+class Family:
+    config_class: str  # name in the `transformers` namespace
+    config: Mapping[str, Any]
+    variants: Mapping[str, Variant]
+
+
+_QWEN_SLIDING = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 3}
+_QWEN_VARIANTS = {
+    "default": Variant(config={"use_sliding_window": False}),
+    "sliding": Variant(config=_QWEN_SLIDING, layer_types=True),
+    # Many hub configs predate `layer_types`: transformers re-derives it from `max_window_layers`.
+    "sliding_legacy": Variant(config=_QWEN_SLIDING, drop_keys=("layer_types",), layer_types=False),
+}
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        config_class="LlamaConfig",
+        config={},
+        variants={
+            "default": Variant(),
+            "tied": Variant(config={"tie_word_embeddings": True}),
+            "bias": Variant(config={"attention_bias": True, "mlp_bias": True}),
+            "sharded": Variant(max_shard_size="200KB", min_shards=3),
+        },
+    ),
+    "mistral": Family(
+        config_class="MistralConfig",
+        config={"sliding_window": WINDOW},
+        variants={"default": Variant()},
+    ),
+    "qwen2": Family(config_class="Qwen2Config", config={}, variants=_QWEN_VARIANTS),
+    # Qwen3's default head_dim is 128 regardless of hidden size.
+    "qwen3": Family(config_class="Qwen3Config", config={"head_dim": 16}, variants=_QWEN_VARIANTS),
+    # Served by the Llama classes; InternLM3Config maps qkv_bias -> attention_bias, bias -> mlp_bias
+    # (and requires them equal). LlamaConfig itself has no such aliases in transformers 5.24.
+    "internlm3": Family(
+        config_class="InternLM3Config",
+        config={"head_dim": 16},
+        variants={
+            "default": Variant(),
+            "qkv_bias": Variant(
+                config={"attention_bias": True, "mlp_bias": True},
+                rename_keys={"attention_bias": "qkv_bias", "mlp_bias": "bias"},
+            ),
+        },
+    ),
+}
+
+
+def all_variants() -> list[tuple[str, str]]:
+    """Every (family, variant) pair, for parametrisation."""
+    return [(fam, var) for fam, spec in FAMILIES.items() for var in spec.variants]
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return value
+
+
+def build_tiny(
+    family: str,
+    dest: Path,
+    *,
+    variant: str = "default",
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+) -> Path:
+    """Build, perturb and save a tiny `family`/`variant` checkpoint in `dest`; return `dest`."""
+    spec = FAMILIES[family]
+    var = spec.variants[variant]
+    config_cls = getattr(transformers, spec.config_class)
+    config = config_cls(**{**COMMON_CONFIG, **spec.config, **var.config})
+    with torch.random.fork_rng(devices=[]):  # keep the global RNG untouched
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):  # sorted: noise independent of module order
+            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * NOISE_STD)
+    model.to(_dtype(dtype)).eval()
+    dest = Path(dest)
+    shard = max_shard_size or var.max_shard_size
+    model.save_pretrained(dest, max_shard_size=shard) if shard else model.save_pretrained(dest)
+    del model
+    _edit_saved_config(dest, var)
+    _check_saved(dest, var)
+    return dest
+
+
+def _edit_saved_config(dest: Path, var: Variant) -> None:
+    if not (var.drop_keys or var.rename_keys):
+        return
+    path = dest / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in var.drop_keys:
+        del cfg[key]
+    for old, new in var.rename_keys.items():
+        cfg[new] = cfg.pop(old)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _check_saved(dest: Path, var: Variant) -> None:
+    cfg = json.loads((dest / "config.json").read_text())
+    if var.layer_types is True:
+        assert "sliding_attention" in cfg.get("layer_types", ()), f"{dest}: expected explicit layer_types"
+    elif var.layer_types is False:
+        assert "layer_types" not in cfg, f"{dest}: legacy config must not carry layer_types"
+    shards = sorted(dest.glob("*.safetensors"))
+    assert len(shards) >= var.min_shards, f"{dest}: {len(shards)} shards, wanted >= {var.min_shards}"
+    if len(shards) > 1:
+        assert (dest / "model.safetensors.index.json").is_file(), f"{dest}: sharded without an index"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The text-decoder part of config.json (`text_config` when nested)."""
+    cfg: dict[str, Any] = json.loads((Path(path) / "config.json").read_text())
+    return cfg.get("text_config") or cfg
+
+
+def num_layers(path: Path) -> int:
+    return int(read_config(path)["num_hidden_layers"])
+
+
+def load_model(path: Path, *, dtype: torch.dtype = torch.float32, attn: str = "eager") -> Any:
+    """Load strictly: any missing, unexpected or mismatched key (or error message) is an AssertionError."""
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, output_loading_info=True, dtype=dtype, attn_implementation=attn
+    )
+    problems = {
+        key: sorted(map(str, info.get(key) or ()))
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    }
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        raise AssertionError(f"loading {path} was not clean: {problems}")
+    return model.eval()
+
+
+@torch.no_grad()
+def logits_full(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def logits_cached(model: Any, input_ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Prefill `prefill` tokens, then decode the rest one at a time through the KV cache."""
+    # transformers 5.24 renamed `past_key_values` to `cache` (input and output); the old name warns.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids[:, :prefill], use_cache=True)
+    pieces = [out.logits]
+    for t in range(prefill, input_ids.shape[1]):
+        out = model(input_ids=input_ids[:, t : t + 1], use_cache=True, **{name: getattr(out, name)})
+        pieces.append(out.logits)
+    return torch.cat(pieces, dim=1)
+
+
+@torch.no_grad()
+def greedy(model: Any, input_ids: torch.Tensor, new_tokens: int = 8) -> torch.Tensor:
+    """Greedy `generate`; EOS is suppressed so every row produces exactly `new_tokens` tokens."""
+    gen_config = transformers.GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        generation_config=gen_config,
+    )
+
+
+def _windows(cfg: Mapping[str, Any]) -> list[int]:
+    keys = ("sliding_window", "attention_chunk_size")
+    return [int(v) for k in keys if isinstance(v := cfg.get(k), int) and v > 0]
+
+
+def _outputs(path: Path, ids: torch.Tensor, prefill: int, attn: str, dtype: torch.dtype) -> dict[str, Any]:
+    model = load_model(path, dtype=dtype, attn=attn)
+    try:
+        return {
+            "full": logits_full(model, ids),
+            "cached": logits_cached(model, ids, prefill),
+            "greedy": greedy(model, ids),
+        }
+    finally:
+        del model
+        gc.collect()
+
+
+def assert_identical(
+    base_dir: Path,
+    expanded_dir: Path,
+    *,
+    seq_len: int = 16,
+    batch: int = 2,
+    seed: int = 0,
+    attn: str = "eager",
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Assert the expanded checkpoint has more layers and bit-identical logits and greedy tokens."""
+    n_base, n_exp = num_layers(base_dir), num_layers(expanded_dir)
+    assert n_exp > n_base, f"expanded model has {n_exp} layers, base {n_base}: comparison would be vacuous"
+    cfg = read_config(base_dir)
+    prefill = seq_len // 2
+    too_small = [w for w in _windows(cfg) + _windows(read_config(expanded_dir)) if seq_len <= w]
+    assert not too_small, f"seq_len {seq_len} does not exceed sliding windows {too_small}"
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, int(cfg["vocab_size"]), (batch, seq_len), generator=gen)
+    base = _outputs(base_dir, ids, prefill, attn, dtype)
+    expanded = _outputs(expanded_dir, ids, prefill, attn, dtype)
+    failures = []
+    for name, ref in base.items():
+        got = expanded[name]
+        if ref.shape != got.shape:
+            failures.append(f"{name}: shape {tuple(ref.shape)} != {tuple(got.shape)}")
+        elif ref.is_floating_point() and not torch.equal(ref, got):
+            delta = (ref.double() - got.double()).abs().max().item()
+            failures.append(f"{name}: max |Δ| = {delta:.6g}")
+        elif not torch.equal(ref, got):
+            failures.append(f"{name}: {int((ref != got).sum())} of {ref.numel()} tokens differ")
+    assert not failures, f"{expanded_dir} differs from {base_dir} ({attn}, {dtype}): " + "; ".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Self-test only: a naive expander used to prove the oracle passes exact expansions and catches wrong ones.
+
+_LAYER_RE = re.compile(re.escape(BLOCK_PREFIX) + r"(\d+)\.(.+)")
+
+
+def sources(n_layers: int, after: Sequence[int]) -> list[int]:
+    """Source layer of each new layer: a copy of layer k goes right after layer k."""
+    out: list[int] = []
+    for i in range(n_layers):
+        out.append(i)
+        if i in after:
+            out.append(i)
+    return out
+
+
+def zero_residual_writers(name: str) -> bool:
+    """The LLaMA Pro zero set for llama-like blocks: o_proj and down_proj, weights and biases."""
+    return name.startswith(("self_attn.o_proj.", "mlp.down_proj."))
+
+
+def reference_config_edit(after: Sequence[int]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Correct config rewrite for the families here: remap/write `layer_types` by source and move the
+    qwen `max_window_layers` threshold to the number of new layers whose source lies below it."""
+
+    def edit(cfg: dict[str, Any]) -> dict[str, Any]:
+        n_old = cfg["num_hidden_layers"] - len(after)
+        src = sources(n_old, after)
+        types = cfg.get("layer_types")
+        if types is None and "max_window_layers" in cfg:  # legacy qwen: derive as transformers does
+            sliding = cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None
+            threshold = cfg["max_window_layers"]
+            types = [
+                "sliding_attention" if sliding and i >= threshold else "full_attention" for i in range(n_old)
+            ]
+        if types is not None:
+            cfg["layer_types"] = [types[s] for s in src]
+        if "max_window_layers" in cfg:
+            cfg["max_window_layers"] = sum(s < cfg["max_window_layers"] for s in src)
+        return cfg
+
+    return edit
+
+
+def reference_expand(
+    src_dir: Path,
+    dst_dir: Path,
+    after: list[int],
+    zero: Callable[[str], bool],
+    config_edit: Callable[[dict[str, Any]], dict[str, Any]] = lambda cfg: cfg,
+) -> Path:
+    """Insert a copy of each layer in `after` right after it, zero the copies' tensors whose block-relative
+    name satisfies `zero`, renumber, and write one model.safetensors. config.json gets the new
+    `num_hidden_layers`, then `config_edit` (which sees the already-updated count)."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(src_dir.glob("*.safetensors")):
+        state.update(load_file(shard))
+    n_old = num_layers(src_dir)
+    blocks: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(n_old)}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = _LAYER_RE.fullmatch(key)
+        if m:
+            blocks[int(m.group(1))][m.group(2)] = tensor
+        else:
+            out[key] = tensor
+    src = sources(n_old, after)
+    for j, s in enumerate(src):
+        is_copy = j > 0 and src[j - 1] == s
+        for rel, tensor in blocks[s].items():
+            new = torch.zeros_like(tensor) if is_copy and zero(rel) else tensor.clone()
+            out[f"{BLOCK_PREFIX}{j}.{rel}"] = new
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    save_file(out, dst_dir / "model.safetensors", metadata={"format": "pt"})
+    for extra in src_dir.iterdir():
+        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in _NOT_COPIED:
+            shutil.copy2(extra, dst_dir / extra.name)
+    raw = json.loads((src_dir / "config.json").read_text())
+    text = raw.get("text_config") or raw
+    text["num_hidden_layers"] = len(src)
+    edited = config_edit(text)
+    if "text_config" in raw:
+        raw["text_config"] = edited
+    else:
+        raw = edited
+    (dst_dir / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return dst_dir
+
+
+_NOT_COPIED = {"config.json", "model.safetensors.index.json"}
