@@ -192,7 +192,7 @@ def expand(
     if json_:
         output.print_json(report)
     else:
-        output.render_expand(report)
+        output.render_expand(report, quiet=quiet)
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:

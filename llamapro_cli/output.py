@@ -225,7 +225,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
     return f"--add {plan.get('add')} --placement {plan.get('placement')}"
 
 
-def render_expand(report: Any) -> None:
+def render_expand(report: Any, *, quiet: bool = False) -> None:
     """The plan (new index -> source) and what was (or would be) written."""
     out = stdout()
     verb = "would write" if report.dry_run else "wrote"
@@ -254,7 +254,7 @@ def render_expand(report: Any) -> None:
         for shard in report.shards:
             shards.add_row(shard.name, str(shard.tensors), human_bytes(shard.bytes))
         out.print(shards)
-    elif new:
+    elif new and not quiet:
         note(f"next: llamapro verify-identity --out {report.out}")
 
 
