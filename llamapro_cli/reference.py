@@ -1,0 +1,617 @@
+"""The native engine: a small, readable Llama-family forward pass that streams one block at a time.
+
+Owns `run_lockstep()`: a base checkpoint and its expansion run layer by layer side by side; each original
+block's output must equal the base block's, each inserted block's output must equal its input. For one
+model, `forward_logits()` / `cached_logits()` (the tests hold them to transformers' logits).
+
+Numerics follow transformers 5's eager path (modeling_llama / mistral / qwen2 / qwen3) op for op: RMSNorm
+in fp32, cast back, times the weight; RoPE tables in fp32 cast to the activation dtype (modeling_rope_utils
+types default, linear, dynamic, llama3, yarn); scores in the activation dtype plus a mask of 0 / finfo.min;
+softmax in fp32, cast back. A sliding window w lets query i see keys j with i - w < j <= i
+(masking_utils.sliding_window_overlay); the K/V cache keeps every position and masks instead of dropping.
+Per-layer behaviour is read from config.json with transformers' own defaults, ported here independently of
+`architectures.py`, so a wrong formula there cannot hide from this check.
+
+Invariant: weights are read with `os.preadv` into fresh buffers (no mmap) and dropped after use, so at most
+one block, or the prompt's embedding rows, or the final norm + head are resident (`peak_bytes_loaded`, in
+checkpoint bytes). Each pass (the full forward, then each cached decode step) reads every block once.
+Must not: grow into a model zoo (a family here is a Llama block plus config switches), print.
+This module imports torch at import time: import it lazily, inside functions that compute numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint
+from .errors import InputError, UnsupportedError
+from .plan import ExpansionPlan
+
+# model_type -> the modeling code that runs it (InternLM3 is served by the Llama classes).
+MODELING = {"llama": "llama", "internlm3": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_FAMILIES: frozenset[str] = frozenset(MODELING.values())
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+LOGIT_CHUNK_BYTES = 64 << 20  # the head writes at most this many bytes of logits at a time
+Progress = Callable[[int, int], None]  # (blocks run, blocks in all passes)
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "internlm3": 32768}
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LINEARS = (*_QKV, "self_attn.o_proj", *_MLP)
+KV = tuple[torch.Tensor, torch.Tensor]
+Divergence = tuple[int, int, str] | None  # (layer, position, what)
+
+
+@dataclass(frozen=True)
+class LockstepResult:
+    """What `run_lockstep` found. In `first_divergence`, layer -1 is the embedding and layer L (the
+    expanded layer count) the final norm / head; a divergence seen only in cached decoding is at position
+    prefill + step."""
+
+    full_max_abs: float  # max |Δ logit| over the full forward, base vs expanded
+    cached_max_abs: float  # max |Δ logit| over the prefill and the cached one-token steps
+    tokens_equal: bool  # greedy continuations equal (each model decoding on its own cache)
+    first_divergence: tuple[int, int] | None  # (expanded layer index, token position)
+    divergence_kind: str | None
+    peak_bytes_loaded: int  # most checkpoint bytes of weights resident at once
+    bytes_loaded: int  # checkpoint bytes read in all
+
+
+# --- config: what transformers would build ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary tables as transformers computes them: inv_freq in fp32 on the CPU, cos/sin times a scale."""
+
+    kind: str
+    theta: float
+    dim: int
+    max_positions: int
+    params: Mapping[str, Any]
+
+    def inv_freq(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim
+        if self.kind == "dynamic" and seq_len > self.max_positions:
+            # Dynamic NTK: a call reaching past max_position_embeddings grows the base (tensor math, as
+            # transformers does it for its longest position; shorter calls use the plain frequencies).
+            factor, seq = float(self.params["factor"]), torch.tensor(seq_len)
+            grow = ((factor * seq / self.max_positions) - (factor - 1)) ** (self.dim / (self.dim - 2))
+            return 1.0 / ((self.theta * grow) ** exponents), 1.0
+        inv = 1.0 / (self.theta**exponents)
+        if self.kind == "linear":
+            return inv / float(self.params["factor"]), 1.0
+        if self.kind == "llama3":
+            return _llama3(inv, self.params), 1.0
+        if self.kind == "yarn":
+            return _yarn(self)
+        return inv, 1.0
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> KV:
+        inv, scale = self.inv_freq(int(positions.max()) + 1)
+        freqs = positions[None, :, None].float() * inv.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+
+
+def _llama3(inv: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    old = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)  # long wavelengths: divided by factor
+    smooth = (old / wavelen - low) / (high - low)  # in between: interpolated
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    return torch.where(~(wavelen < old / high) * ~(wavelen > old / low), smoothed, scaled)
+
+
+def _yarn(rope: Rope) -> tuple[torch.Tensor, float]:
+    p, dim, base = rope.params, rope.dim, rope.theta
+    original = p["original_max_position_embeddings"]
+    factor = p.get("factor") or rope.max_positions / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    attention = p.get("attention_factor")
+    if attention is None:
+        both = p.get("mscale") and p.get("mscale_all_dim")
+        attention = (
+            mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"]) if both else mscale(factor)
+        )
+    low, high = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / (
+        (high + 0.001 if low == high else high) - low
+    )
+    keep = 1 - torch.clamp(ramp, 0, 1)  # high frequencies extrapolate, low ones interpolate
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, float(attention)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the forward needs from config.json and the tensor shapes, resolved as transformers does."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    windows: tuple[int | None, ...]  # per layer: the sliding window, or None for full attention
+    biased: frozenset[str]  # block-relative linears that carry a bias
+    qk_norm: bool  # qwen3: RMSNorm of each query / key head before RoPE
+    tied: bool  # the head is the embedding matrix
+    rope: Rope
+
+
+def read_spec(ckpt: Checkpoint) -> Spec:
+    """Resolve a checkpoint's config; UnsupportedError (exit 3) for anything this engine cannot run."""
+    cfg, model_type = ckpt.config, str(ckpt.config.get("model_type"))
+    modeling = MODELING.get(model_type)
+    if modeling is None or sys.byteorder != "little":
+        raise UnsupportedError(
+            f"the native engine cannot run model_type {model_type!r} on this machine",
+            hint="use --engine transformers; native runs " + ", ".join(sorted(MODELING)),
+        )
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise UnsupportedError(f"config.json: hidden_act {cfg['hidden_act']!r} (the native engine runs silu)")
+    heads = cfg.get("num_attention_heads")
+    q_rows = _layer0_shape(ckpt, "self_attn.q_proj.weight")[0]
+    if not isinstance(heads, int) or heads < 1 or q_rows % heads:
+        raise InputError(f"config.json: num_attention_heads {heads!r} does not divide q_proj's {q_rows} rows")
+    head_dim = q_rows // heads
+    kv_heads = _layer0_shape(ckpt, "self_attn.k_proj.weight")[0] // head_dim
+    for key, value in (("head_dim", head_dim), ("num_key_value_heads", kv_heads)):
+        if cfg.get(key) not in (None, value):
+            raise InputError(f"config.json: {key} {cfg.get(key)} does not fit the q/k_proj shapes ({value})")
+    return Spec(
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        eps=float(cfg.get("rms_norm_eps", 1e-5 if model_type == "internlm3" else 1e-6)),
+        windows=_windows(modeling, cfg, ckpt.num_layers),
+        biased=_biased(modeling, cfg),
+        qk_norm=modeling == "qwen3",
+        tied=bool(cfg.get("tie_word_embeddings", False)) or ckpt.family.roles.head[0] not in ckpt.weight_map,
+        rope=_rope(cfg, head_dim, _MAX_POSITIONS[model_type]),
+    )
+
+
+def _layer0_shape(ckpt: Checkpoint, rel: str) -> tuple[int, ...]:
+    name = f"{ckpt.family.layer_prefix}0.{rel}"
+    if name not in ckpt.weight_map:
+        raise InputError(f"{ckpt.root}: tensor {name} is missing")
+    return ckpt.info(name).shape
+
+
+def _biased(modeling: str, cfg: Mapping[str, Any]) -> frozenset[str]:
+    """Which linears have a bias, as each modeling file builds them (not whatever the shards hold)."""
+    if modeling == "qwen2":
+        return frozenset(_QKV)  # q/k/v always, o and the MLP never
+    if modeling == "mistral":
+        return frozenset()
+    internlm3 = cfg.get("model_type") == "internlm3"  # InternLM3Config: qkv_bias / bias are aliases
+    attn = cfg.get("attention_bias", cfg.get("qkv_bias", False) if internlm3 else False)
+    mlp = modeling == "llama" and cfg.get("mlp_bias", cfg.get("bias", False) if internlm3 else False)
+    return frozenset(((*_QKV, "self_attn.o_proj") if attn else ()) + (_MLP if mlp else ()))
+
+
+def _windows(modeling: str, cfg: Mapping[str, Any], n: int) -> tuple[int | None, ...]:
+    if modeling == "llama":
+        return (None,) * n
+    if modeling == "mistral":  # one global window; MistralModel ignores a layer_types list
+        return (cfg.get("sliding_window", 4096),) * n
+    # qwen2 / qwen3 (configuration_qwen2.py): the window is nulled unless use_sliding_window; without an
+    # explicit layer_types, layers i >= max_window_layers slide.
+    window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window", False) else None
+    types = cfg.get("layer_types")
+    if types is None:
+        upper = cfg.get("max_window_layers", 28)
+        types = ["sliding_attention" if window and i >= upper else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n:
+        raise InputError(f"config.json: layer_types must list one type for each of the {n} layers")
+    for i, kind in enumerate(types):
+        if kind not in ("full_attention", "sliding_attention"):
+            raise UnsupportedError(f"config.json: layer_types[{i}] is {kind!r} (native runs full/sliding)")
+        if kind == "sliding_attention" and not (isinstance(window, int) and window > 0):
+            raise InputError(
+                f"config.json: layer {i} is sliding_attention but no sliding_window is in effect"
+            )
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
+def _rope(cfg: Mapping[str, Any], head_dim: int, default_max: int) -> Rope:
+    # transformers 5 writes rope_parameters (theta inside); older configs rope_scaling + top-level rope_theta.
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise UnsupportedError(
+            "config.json: per-layer-type rope parameters are not supported by the native engine"
+        )
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise UnsupportedError(
+            f"config.json: rope type {kind!r} is not supported by the native engine",
+            hint="use --engine transformers; native supports rope types " + ", ".join(ROPE_TYPES),
+        )
+    if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) not in (None, 1, 1.0):
+        raise UnsupportedError("config.json: partial_rotary_factor is not supported by the native engine")
+    max_positions = int(cfg.get("max_position_embeddings") or default_max)
+    if kind in ("llama3", "yarn"):  # a top-level value wins, as in standardize_rope_params
+        original = cfg.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
+        params["original_max_position_embeddings"] = original or max_positions
+    needs = {
+        "linear": ("factor",),
+        "dynamic": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    }
+    for key in needs.get(kind, ()):
+        if not isinstance(params.get(key), int | float):
+            raise InputError(f"config.json: rope type {kind!r} needs a numeric {key}")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return Rope(kind=kind, theta=theta, dim=head_dim, max_positions=max_positions, params=params)
+
+
+# --- one checkpoint being run: weights on demand, K/V cache ------------------------------------------
+
+
+@dataclass
+class Meter:
+    """Checkpoint bytes of weights resident now, at most, and read in all (shared by both models)."""
+
+    resident: int = 0
+    peak: int = 0
+    total: int = 0
+
+    def hold(self, nbytes: int) -> None:
+        self.resident += nbytes
+        self.total += nbytes
+        self.peak = max(self.peak, self.resident)
+
+
+class Model:
+    """A checkpoint being run: its spec, open shard files, the meter, and every layer's K/V cache."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, meter: Meter) -> None:
+        self.ckpt, self.spec, self.meter = ckpt, read_spec(ckpt), meter
+        self.device, self.dtype = device, dtype
+        self.cache: list[KV | None] = [None] * ckpt.num_layers
+        self._fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _read(self, name: str, skip: int = 0, size: int | None = None) -> torch.Tensor:
+        """Bytes of (a slice of) a tensor as a 1-D tensor of its dtype, read into a fresh buffer; counted."""
+        info = self.ckpt.info(name)
+        if info.dtype not in _DTYPES:
+            raise UnsupportedError(f"tensor {name} is {info.dtype}; the native engine runs BF16/F16/F32")
+        path, offset = self.ckpt.location(name)
+        if str(path) not in self._fds:
+            self._fds[str(path)] = os.open(path, os.O_RDONLY)
+        size = info.nbytes if size is None else size
+        buf, done = bytearray(size), 0
+        while done < size:  # preadv may return less than asked (2 GiB per call on Linux)
+            got = os.preadv(self._fds[str(path)], [memoryview(buf)[done:]], offset + skip + done)
+            if got <= 0:
+                raise InputError(f"{path}: short read in tensor {name} (file truncated or changed)")
+            done += got
+        self.meter.hold(size)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(_DTYPES[info.dtype])  # safetensors is LE
+
+    @contextmanager
+    def weights(self, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """Whole tensors, in the run's device and dtype, for the duration of a `with`; freed after."""
+        loaded: dict[str, torch.Tensor] = {}
+        held = self.meter.resident
+        try:
+            for name in names:
+                if name not in self.ckpt.weight_map:
+                    raise InputError(f"{self.ckpt.root}: tensor {name} is missing (the config needs it)")
+                shape = self.ckpt.info(name).shape
+                loaded[name] = self._read(name).reshape(shape).to(self.device, self.dtype)
+            yield loaded
+        finally:
+            loaded.clear()
+            self.meter.resident = held
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt's embedding rows, read row by row: the matrix itself is never loaded here."""
+        name = self.ckpt.family.roles.embeddings[0]
+        info = self.ckpt.info(name)
+        if int(ids.min()) < 0 or int(ids.max()) >= info.shape[0]:
+            raise InputError(f"token ids must lie in [0, {info.shape[0]}) for {self.ckpt.root}")
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        row, held = info.nbytes // info.shape[0], self.meter.resident
+        table = torch.stack([self._read(name, t * row, row) for t in unique.tolist()])
+        self.meter.resident = held
+        return table.to(self.device, self.dtype)[inverse.to(self.device)]
+
+    def block(self, j: int, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """Decoder layer j: h + attn(norm(h)), then + mlp(norm(h))."""
+        prefix, s = f"{self.ckpt.family.layer_prefix}{j}.", self.spec
+        rel = [
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            *(f"{x}.weight" for x in _LINEARS),
+        ]
+        rel += [f"{x}.bias" for x in sorted(s.biased)]
+        rel += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if s.qk_norm else []
+        with self.weights(prefix + r for r in rel) as loaded:
+            w = {r: loaded[prefix + r] for r in rel}
+            h = h + self._attention(w, rms_norm(h, w["input_layernorm.weight"], s.eps), j, step)
+            x = rms_norm(h, w["post_attention_layernorm.weight"], s.eps)
+            gate, up = F.silu(_linear(x, w, "mlp.gate_proj")), _linear(x, w, "mlp.up_proj")  # SwiGLU
+            return h + _linear(gate * up, w, "mlp.down_proj")
+
+    def _attention(self, w: dict[str, torch.Tensor], x: torch.Tensor, j: int, step: Step) -> torch.Tensor:
+        s, (batch, length, _) = self.spec, x.shape
+        q, k, v = (_linear(x, w, lin).view(batch, length, -1, s.head_dim) for lin in _QKV)
+        if s.qk_norm:
+            q, k = (
+                rms_norm(q, w["self_attn.q_norm.weight"], s.eps),
+                rms_norm(k, w["self_attn.k_norm.weight"], s.eps),
+            )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, length, head_dim)
+        q, k = q * step.cos + _rotate_half(q) * step.sin, k * step.cos + _rotate_half(k) * step.sin
+        k, v = self._remember(j, k, v, step.keep)
+        groups = s.heads // s.kv_heads  # GQA: each K/V head serves `groups` query heads
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        scores = torch.matmul(q, k.transpose(2, 3)) * s.head_dim**-0.5 + step.mask(s.windows[j])
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).contiguous().reshape(batch, length, -1)
+        return _linear(out, w, "self_attn.o_proj")
+
+    def _remember(self, j: int, k: torch.Tensor, v: torch.Tensor, keep: int) -> KV:
+        """Layer j's cached K/V followed by the new; the first `keep` positions stay cached."""
+        old = self.cache[j]
+        if old is not None:
+            k, v = torch.cat((old[0], k), dim=2), torch.cat((old[1], v), dim=2)
+        self.cache[j] = (k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()) if keep else None
+        return k, v
+
+    def logits(self, h: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first position, logits) chunks of final norm + head, so a 128K vocabulary never makes them all."""
+        roles = self.ckpt.family.roles
+        norm, head = roles.final_norm[0], roles.embeddings[0] if self.spec.tied else roles.head[0]
+        with self.weights([norm, head]) as w:
+            x = rms_norm(h, w[norm], self.spec.eps)
+            chunk = max(1, LOGIT_CHUNK_BYTES // (w[head].shape[0] * x.element_size() * x.shape[0]))
+            for t in range(0, x.shape[1], chunk):
+                yield t, F.linear(x[:, t : t + chunk], w[head])
+
+    def step(self, start: int, length: int, keep: int) -> Step:
+        positions = torch.arange(start, start + length, device=self.device)
+        return Step(positions, keep, self.spec.rope.tables(positions, self.dtype), self.dtype)
+
+
+class Step:
+    """One call over `length` new tokens from absolute position `start`: rotary tables and masks."""
+
+    def __init__(self, positions: torch.Tensor, keep: int, rope: KV, dtype: torch.dtype) -> None:
+        self.positions, self.keep, (self.cos, self.sin), self.dtype = positions, keep, rope, dtype
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Additive (queries, keys) mask over every position so far: causal, and within the window."""
+        if window not in self._masks:
+            q = self.positions[:, None]
+            kv = torch.arange(int(self.positions[-1]) + 1, device=q.device)[None, :]
+            allowed = (kv <= q) & ((kv > q - window) if window else True)
+            zero = torch.zeros((), dtype=self.dtype, device=q.device)
+            self._masks[window] = torch.where(allowed, zero, torch.finfo(self.dtype).min)
+        return self._masks[window]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    y = x.to(torch.float32)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, heads, length, dim = x.shape
+    return x[:, :, None].expand(b, heads, groups, length, dim).reshape(b, heads * groups, length, dim)
+
+
+# --- passes ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _opened(
+    ckpt: Checkpoint, device: str | torch.device, dtype: torch.dtype, meter: Meter
+) -> Iterator[Model]:
+    model = Model(ckpt, torch.device(device), dtype, meter)
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+def _as_batch(input_ids: torch.Tensor) -> torch.Tensor:
+    ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+    if ids.numel() == 0 or ids.is_floating_point():
+        raise InputError("input_ids must be a non-empty (batch, tokens) tensor of token ids")
+    return ids.long().cpu()
+
+
+def _forward(model: Model, ids: torch.Tensor, start: int, keep: int) -> torch.Tensor:
+    step, h = model.step(start, ids.shape[1], keep), model.embed(ids)
+    for j in range(model.ckpt.num_layers):
+        h = model.block(j, h, step)
+    return torch.cat([chunk for _, chunk in model.logits(h)], dim=1)
+
+
+@torch.inference_mode()
+def forward_logits(
+    ckpt: Checkpoint, input_ids: torch.Tensor, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Logits of one full forward pass without cache, (batch, tokens, vocab)."""
+    with _opened(ckpt, device, dtype, Meter()) as model:
+        return _forward(model, _as_batch(input_ids), 0, 0)
+
+
+@torch.inference_mode()
+def cached_logits(
+    ckpt: Checkpoint,
+    input_ids: torch.Tensor,
+    prefill: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Prefill `prefill` tokens, then feed the others one at a time through the K/V cache (teacher-forced):
+    every position's logits, as transformers' cached decoding gives them."""
+    ids = _as_batch(input_ids)
+    with _opened(ckpt, device, dtype, Meter()) as model:
+        pieces = [_forward(model, ids[:, :prefill], 0, prefill)]
+        pieces += [_forward(model, ids[:, t : t + 1], t, t + 1) for t in range(prefill, ids.shape[1])]
+        return torch.cat(pieces, dim=1)
+
+
+def _abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Equal values (infinities too) differ by 0; a NaN stays NaN, which no tolerance passes.
+    return torch.where(a == b, 0.0, (a.float() - b.float()).abs())
+
+
+def _check(
+    got: torch.Tensor, want: torch.Tensor, atol: float, layer: int, start: int, what: str
+) -> Divergence:
+    """(layer, first position where |got - want| > atol, what), or None."""
+    bad = ~(_abs_diff(got, want) <= atol)
+    positions = bad.any(-1).any(0).nonzero()
+    return (layer, start + int(positions[0]), what) if len(positions) else None
+
+
+@dataclass(frozen=True)
+class _Pass:
+    delta: torch.Tensor  # (tokens,) max |Δ logit| at each position, over batch and vocabulary
+    argmax: KV  # (batch, tokens) greedy tokens of base and expanded
+    divergence: Divergence
+
+
+def _lockstep_pass(
+    models: tuple[Model, Model],
+    plan: ExpansionPlan,
+    ids: KV,
+    start: int,
+    keep: int,
+    atol: float,
+    tick: Callable[[int], None],
+) -> _Pass:
+    """New tokens through both models, block by block: every block of both read once, outputs compared."""
+    base, exp = models
+    length = ids[0].shape[1]
+    step_b, step_e = base.step(start, length, keep), exp.step(start, length, keep)
+    h_b, h_e = base.embed(ids[0]), exp.embed(ids[1])
+    found = _check(h_e, h_b, atol, -1, start, "the embedding differs")
+    for layer in plan.layers:
+        j, i = layer.index, layer.source
+        if layer.identity:
+            out = exp.block(j, h_e, step_e)
+            what = f"inserted layer {j} (copy of base layer {i}) is not an identity (output != input)"
+            found, h_e = found or _check(out, h_e, atol, j, start, what), out
+        else:
+            h_b, h_e = base.block(i, h_b, step_b), exp.block(j, h_e, step_e)
+            found = found or _check(
+                h_e, h_b, atol, j, start, f"original layer {j} (base layer {i}) output differs"
+            )
+        tick(1 if layer.identity else 2)
+    # The base's logits stay (tokens x vocab); the expanded head is loaded once the base head is freed.
+    ref = torch.cat([chunk for _, chunk in base.logits(h_b)], dim=1)
+    delta, argmax = torch.empty(length), torch.empty(ref.shape[:2], dtype=torch.long)
+    for t, chunk in exp.logits(h_e):
+        if chunk.shape[-1] != ref.shape[-1]:
+            raise InputError(f"the vocabularies differ: base {ref.shape[-1]}, expanded {chunk.shape[-1]}")
+        span = slice(t, t + chunk.shape[1])
+        delta[span] = _abs_diff(chunk, ref[:, span]).amax(dim=(0, 2)).cpu()
+        argmax[:, span] = chunk.argmax(-1).cpu()
+    if found is None and not bool((delta <= atol).all()):
+        first = int((~(delta <= atol)).nonzero()[0])
+        found = (len(plan.layers), start + first, "the final norm or lm_head differs (every layer matched)")
+    return _Pass(delta, (ref.argmax(-1).cpu(), argmax), found)
+
+
+@torch.inference_mode()
+def run_lockstep(
+    base: Checkpoint,
+    expanded: Checkpoint,
+    plan: ExpansionPlan,
+    input_ids: torch.Tensor,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    prefill: int,
+    decode_steps: int,
+    atol: float = 0.0,
+    progress: Progress | None = None,
+) -> LockstepResult:
+    """Run base and expanded side by side with one block resident at a time (docs/native-engine.md).
+
+    Full pass: every position of `input_ids`, caching each layer's K/V for the first `prefill` positions.
+    Cached pass: the prefill's logits, then up to `decode_steps` one-token greedy steps, each model feeding
+    its own argmax through its own cache; logits are compared while both were fed the same tokens, so
+    decoding stops at the first differing token. Each step re-reads every block of both models.
+    """
+    ids = _as_batch(input_ids)
+    if plan.num_layers_in != base.num_layers or plan.num_layers_out != expanded.num_layers:
+        raise InputError(
+            f"the layer mapping ({plan.num_layers_in} -> {plan.num_layers_out} layers) does not fit the "
+            f"checkpoints ({base.num_layers} -> {expanded.num_layers} layers)"
+        )
+    if not 1 <= prefill <= ids.shape[1]:
+        raise InputError(f"prefill must be between 1 and the {ids.shape[1]} prompt tokens, got {prefill}")
+    total, done = (plan.num_layers_out + plan.num_layers_in) * (1 + max(0, decode_steps)), [0]
+
+    def tick(blocks: int) -> None:
+        done[0] += blocks
+        if progress is not None:
+            progress(done[0], total)
+
+    meter = Meter()
+    with _opened(base, device, dtype, meter) as mb, _opened(expanded, device, dtype, meter) as me:
+        full = _lockstep_pass((mb, me), plan, (ids, ids), 0, prefill, atol, tick)
+        cached, found = [full.delta[:prefill]], full.divergence
+        tokens = (full.argmax[0][:, prefill - 1 : prefill], full.argmax[1][:, prefill - 1 : prefill])
+        for s in range(decode_steps):
+            if not torch.equal(*tokens):
+                break
+            step = _lockstep_pass((mb, me), plan, tokens, prefill + s, prefill + s + 1, atol, tick)
+            cached.append(step.delta)
+            if found is None and step.divergence is not None:
+                found = (*step.divergence[:2], f"{step.divergence[2]} in cached decoding step {s}")
+            tokens = step.argmax
+    return LockstepResult(
+        full_max_abs=float(full.delta.max()),
+        cached_max_abs=float(torch.cat(cached).max()),
+        tokens_equal=torch.equal(*tokens),
+        first_divergence=found[:2] if found else None,
+        divergence_kind=found[2] if found else None,
+        peak_bytes_loaded=meter.peak,
+        bytes_loaded=meter.total,
+    )
