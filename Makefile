@@ -22,13 +22,13 @@ demo: install
 	bash scripts/demo.sh $(DEMO_DIR)
 
 lint: install
-	$(BIN)/ruff check llamapro_cli tests bench
-	$(BIN)/ruff format --check llamapro_cli tests bench
+	$(BIN)/ruff check llamapro_cli tests bench scripts
+	$(BIN)/ruff format --check llamapro_cli tests bench scripts
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff check --fix llamapro_cli tests bench
-	$(BIN)/ruff format llamapro_cli tests bench
+	$(BIN)/ruff check --fix llamapro_cli tests bench scripts
+	$(BIN)/ruff format llamapro_cli tests bench scripts
 
 suite: install
 	$(BIN)/pytest -n 2 -q

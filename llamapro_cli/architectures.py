@@ -1,13 +1,15 @@
-"""Model families as data: one frozen `Family` record per supported architecture.
+"""Model families as data: the `Family` record type and the generic code that applies records to a plan.
 
-A record says where a family's decoder blocks live in the checkpoint, which tensors of a copied block
-must be zeroed so the copy is an exact identity (the last linear of every residual branch, weight *and*
-bias), which tensors every block must have, and which config fields decide per-layer behaviour (with the
-formula transformers uses when a config has no explicit list, ported here so `expand` never imports
-transformers). The generic code below turns those records into a rewritten config for a plan.
+A record (see `families.py`, which holds every record) says where a family's decoder blocks live in the
+checkpoint, which tensors of a copied block must be zeroed so the copy is an exact identity (the last
+linear of every residual branch, weight *and* bias, every routed and shared expert), which tensors every
+block must have, and which config fields decide per-layer behaviour (with the formula transformers uses
+when a config has no explicit list, ported so `expand` never imports transformers). The functions here
+turn those records into a rewritten config for a plan, per-layer kinds for `inspect`, per-layer
+signatures for `verify-identity`, refusals and compatibility warnings.
 
-Invariant: a new family is a new record (plus, at most, a new `LayerField` formula); no per-family
-branches in the code that uses them. Must not: read files, import torch or transformers.
+Invariant: a new family is a new record (plus, at most, a small formula); no per-family branches here.
+Must not: read files, import torch or transformers.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .errors import UnsupportedError, UsageError
 from .plan import ExpansionPlan
 
 Config = Mapping[str, Any]
+COMPAT_DOC = "docs/compatibility.md"
 
 
 class FieldKind(StrEnum):
@@ -30,6 +33,8 @@ class FieldKind(StrEnum):
     LIST = "list"  # one value per layer (`layer_types`, `no_rope_layers`)
     INDEX_SET = "index_set"  # a list of layer indices that have the property (`mlp_only_layers`)
     THRESHOLD = "threshold"  # an int t: layers below t have the property (`max_window_layers`)
+    PATTERN = "pattern"  # a string, one character per layer (`hybrid_override_pattern`)
+    VIRTUAL = "virtual"  # not writable (index arithmetic only): a plan must keep every layer's value
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,12 @@ class LayerField:
     """One config field whose value depends on the layer index.
 
     `derive(config, num_layers)` gives the effective per-layer values when the field is absent or null
-    (transformers' own default formula). For THRESHOLD fields a plan that scatters the "below" layers
-    cannot be written as a threshold: `required` fields make that a refusal; optional ones are left
-    consistent where possible and reported otherwise (the explicit lists still carry the truth).
+    (transformers' own default formula); with `derive_always` it gives them in every case (other keys,
+    e.g. `decoder_sparse_step`, modify what the field says). For THRESHOLD fields a plan that scatters the
+    "below" layers cannot be written as a threshold: `required` fields make that a refusal (exit 2);
+    optional ones are left consistent where possible and reported otherwise. `periodic` fields follow an
+    index pattern that engines may re-derive: a plan that breaks it is warned about. `label` turns a
+    value into the layer-kind word `inspect` shows.
     """
 
     key: str
@@ -48,6 +56,10 @@ class LayerField:
     required: bool = False
     write_when_absent: bool = True
     relevant: Callable[[Config], bool] | None = None  # when false, a threshold mismatch is harmless
+    derive_always: bool = False
+    empty_is_absent: bool = False  # an empty list means "use the formula" (llama4 `no_rope_layers`)
+    periodic: bool = False
+    label: Callable[[Any], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,11 +82,19 @@ class Family:
     required: tuple[str, ...]  # each layer must have a tensor matching every one of these
     layer_fields: tuple[LayerField, ...] = ()
     count_key: str = "num_hidden_layers"
+    count_list: str | None = None  # when count_key is absent, the length of this list is the count
     config_path: tuple[str, ...] = ()  # e.g. ("text_config",) for multimodal checkpoints
     memory_prefix: str | None = None  # in-memory parameter prefix when it differs from the disk prefix
+    # In-memory names of checkpoint keys that transformers renames or fuses at load (MoE experts):
+    # (regex, replacement) applied in order to the key after the prefix mapping; keys that end up with
+    # the same name load into one parameter, a key renamed to "" is a buffer (freeze.memory_name).
+    memory_renames: tuple[tuple[str, str], ...] = ()
     roles: Roles = field(default_factory=Roles)
     drop_keys: tuple[str, ...] = ()  # derivation fields made meaningless by explicit lists
     set_keys: tuple[tuple[str, Any], ...] = ()  # constants the explicit lists require
+    extra_layers_key: str | None = None  # count of layer-indexed non-blocks at index >= n (MTP layers)
+    refuse: str = ""  # why this family can never be expanded exactly (exit 3)
+    refusal: Callable[[Config], str | None] | None = None  # a config-dependent refusal reason (exit 3)
     notes: str = ""
 
     def block_regex(self) -> re.Pattern[str]:
@@ -90,99 +110,50 @@ class Family:
         return config
 
 
-# --- per-layer formulas, ported from transformers' configuration_*.py --------------------------------
+# Every record lives in families.py, which imports the types above; it is loaded on first use so either
+# module can be imported first.
+FAMILIES: tuple[Family, ...]
 
 
-def _qwen2_layer_types(config: Config, n: int) -> list[str]:
-    # configuration_qwen2.py: sliding_window is nulled unless use_sliding_window; sliding layers are
-    # the upper ones, i >= max_window_layers (default 28; sliding_window default 4096).
-    window = config.get("sliding_window", 4096) if config.get("use_sliding_window", False) else None
-    threshold = config.get("max_window_layers", 28)
-    return [
-        "sliding_attention" if window is not None and i >= threshold else "full_attention" for i in range(n)
-    ]
+def __getattr__(name: str) -> Any:
+    if name == "FAMILIES":
+        return _families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _families() -> tuple[Family, ...]:
+    from .families import FAMILIES as records
+
+    return records
 
 
 def _full_attention(config: Config, n: int) -> list[str]:
     return ["full_attention"] * n
 
 
-def _threshold_default(default: int) -> Callable[[Config, int], list[Any]]:
-    def derive(config: Config, n: int) -> list[Any]:
-        return [True] * min(default, n) + [False] * max(0, n - default)
-
-    return derive
-
-
-QWEN_LAYER_TYPES = LayerField("layer_types", FieldKind.LIST, _qwen2_layer_types)
-QWEN_MAX_WINDOW = LayerField(
-    "max_window_layers",
-    FieldKind.THRESHOLD,
-    _threshold_default(28),
-    relevant=lambda config: bool(config.get("use_sliding_window", False)),
-)
-
-_ATTN_OUT = r"self_attn\.o_proj\.(weight|bias)"
-_MLP_OUT = r"mlp\.down_proj\.(weight|bias)"
-_LLAMA_REQUIRED = (r"self_attn\.o_proj\.weight", r"mlp\.down_proj\.weight")
-
-FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="llama",
-        model_types=("llama", "internlm3"),
-        layer_prefix="model.layers.",
-        zero=(_ATTN_OUT, _MLP_OUT),
-        required=_LLAMA_REQUIRED,
-        notes="o_proj/down_proj biases exist with attention_bias/mlp_bias (internlm3: qkv_bias/bias)",
-    ),
-    Family(
-        name="mistral",
-        model_types=("mistral",),
-        layer_prefix="model.layers.",
-        zero=(_ATTN_OUT, _MLP_OUT),
-        required=_LLAMA_REQUIRED,
-        notes="one global sliding_window: nothing per layer",
-    ),
-    Family(
-        name="qwen2",
-        model_types=("qwen2",),
-        layer_prefix="model.layers.",
-        zero=(_ATTN_OUT, _MLP_OUT),
-        required=_LLAMA_REQUIRED,
-        layer_fields=(QWEN_LAYER_TYPES, QWEN_MAX_WINDOW),
-        notes="layer_types derived from use_sliding_window/max_window_layers when absent",
-    ),
-    Family(
-        name="qwen3",
-        model_types=("qwen3",),
-        layer_prefix="model.layers.",
-        zero=(_ATTN_OUT, _MLP_OUT),
-        required=_LLAMA_REQUIRED,
-        layer_fields=(QWEN_LAYER_TYPES, QWEN_MAX_WINDOW),
-        notes="as qwen2, plus per-head q/k norms",
-    ),
-)
-
 # Generic per-layer fields any config may carry: remapped by source when present, never invented.
 GENERIC_FIELDS: tuple[LayerField, ...] = (
-    LayerField("layer_types", FieldKind.LIST, _full_attention, write_when_absent=False),
+    LayerField("layer_types", FieldKind.LIST, _full_attention, write_when_absent=False, label=str),
     LayerField("mlp_layer_types", FieldKind.LIST, None, write_when_absent=False),
 )
 
 # Quantization methods whose zero is not all-zero bytes (packed integers with zero-points).
 REFUSED_QUANTIZATION = ("gptq", "awq", "bitsandbytes", "bnb", "aqlm", "eetq", "hqq", "quanto", "exl2")
 ALLOWED_QUANTIZATION = ("fp8", "mxfp4", "compressed-tensors-fp8", "fbgemm_fp8")
+# quantization_config keys that list module names (possibly layer-indexed, possibly "re:" regexes).
+QUANT_NAME_KEYS = ("ignore", "modules_to_not_convert", "ignored_layers")
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for f in FAMILIES for t in f.model_types)
+    return sorted(t for f in _families() if not f.refuse for t in f.model_types)
 
 
 def family_for(config: Config) -> Family:
-    """The record for a config's `model_type`; exit 3 with a hint for anything else."""
+    """The record for a config's `model_type`; exit 3 with a hint for anything else or refused."""
     model_type = config.get("model_type")
-    for fam in FAMILIES:
+    for fam in _families():
         if model_type in fam.model_types:
+            _check_refusal(fam, config, str(model_type))
             _check_quantization(config, str(model_type))
             return fam
     arch = (config.get("architectures") or ["?"])[0]
@@ -190,6 +161,15 @@ def family_for(config: Config) -> Family:
         f"unsupported architecture: model_type {model_type!r} ({arch})",
         hint="supported model types: " + ", ".join(supported_model_types()),
     )
+
+
+def _check_refusal(fam: Family, config: Config, model_type: str) -> None:
+    reason = fam.refuse or (fam.refusal(fam.sub_config(config)) if fam.refusal else None)
+    if reason:
+        raise UnsupportedError(
+            f"refused {model_type}: {reason}",
+            hint="an inserted copy cannot be an exact identity here; see docs/architectures.md",
+        )
 
 
 def _check_quantization(config: Config, model_type: str) -> None:
@@ -207,21 +187,44 @@ def _check_quantization(config: Config, model_type: str) -> None:
 
 
 def num_layers(family: Family, config: Config) -> int | None:
-    value = family.sub_config(config).get(family.count_key)
+    sub = family.sub_config(config)
+    value = sub.get(family.count_key)
+    if value is None and family.count_list and isinstance(sub.get(family.count_list), list):
+        return len(sub[family.count_list])
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-# --- config rewrite -----------------------------------------------------------------------------------
+def extra_layers(family: Family, config: Config) -> int:
+    """How many layer-indexed non-block modules (DeepSeek-V3 MTP) sit at indices n, n+1, ..."""
+    if family.extra_layers_key is None:
+        return 0
+    value = family.sub_config(config).get(family.extra_layers_key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def renumber_extra(family: Family, name: str, n_in: int, n_out: int) -> str:
+    """A non-block tensor's output name: extra layers at n_in + m move to n_out + m (MTP layers)."""
+    m = family.block_regex().match(name)
+    if not m or int(m.group(1)) < n_in:
+        return name
+    return f"{family.layer_prefix}{int(m.group(1)) - n_in + n_out}.{m.group(2)}"
+
+
+# --- per-layer values -----------------------------------------------------------------------------------
 
 
 def effective_values(fld: LayerField, config: Config, n: int) -> list[Any] | None:
     """Per-layer values of one field for an n-layer config (explicit, else derived, else None)."""
     raw = config.get(fld.key)
-    if raw is None:
+    if fld.derive_always or raw is None or (fld.empty_is_absent and raw == []):
         return fld.derive(config, n) if fld.derive else None
     if fld.kind is FieldKind.LIST:
         if not isinstance(raw, list) or len(raw) != n:
             raise UnsupportedError(f"config.json: {fld.key} has {_length(raw)} entries for {n} layers")
+        return list(raw)
+    if fld.kind is FieldKind.PATTERN:
+        if not isinstance(raw, str) or len(raw) != n:
+            raise UnsupportedError(f"config.json: {fld.key} is not a string of one character per layer")
         return list(raw)
     if fld.kind is FieldKind.INDEX_SET:
         if not isinstance(raw, list) or not all(isinstance(i, int) for i in raw):
@@ -237,24 +240,88 @@ def _length(value: Any) -> str:
     return str(len(value)) if isinstance(value, list) else "no list of"
 
 
-def layer_kinds(family: Family, config: Config) -> list[str] | None:
-    """A short per-layer kind label (attention type, ...) for `inspect`, when the family has kinds."""
+def _fields(family: Family) -> tuple[LayerField, ...]:
+    """Generic fields first, then the family's (a family record overrides a generic field by key)."""
+    own = {f.key for f in family.layer_fields}
+    return (*(f for f in GENERIC_FIELDS if f.key not in own), *family.layer_fields)
+
+
+def _active(fld: LayerField, sub: Config) -> bool:
+    """Whether a field describes this config (present, or a family formula that always applies)."""
+    return fld.kind is FieldKind.VIRTUAL or fld.key in sub or fld.write_when_absent
+
+
+def _columns(family: Family, config: Config) -> list[tuple[LayerField, list[Any]]] | None:
     sub = family.sub_config(config)
     n = num_layers(family, config)
     if n is None:
         return None
-    for fld in (*family.layer_fields, *GENERIC_FIELDS):
-        if fld.key == "layer_types":
-            values = effective_values(fld, sub, n)
-            if values is not None and (fld.key in sub or fld.write_when_absent):
-                return [str(v) for v in values]
-    return None
+    out = []
+    for fld in _fields(family):
+        values = effective_values(fld, sub, n) if _active(fld, sub) else None
+        if values is not None:
+            out.append((fld, values))
+    return out
+
+
+def layer_kinds(family: Family, config: Config) -> list[str] | None:
+    """A short per-layer kind (attention type, dense/moe, rope/nope, mixer) for families with kinds."""
+    columns = [(f, v) for f, v in _columns(family, config) or () if f.label is not None]
+    if not columns:
+        return None
+    n = len(columns[0][1])
+    return [" ".join(f.label(v[i]) for f, v in columns if f.label) for i in range(n)]
+
+
+def layer_signature(family: Family, config: Config) -> list[tuple[Any, ...]] | None:
+    """Per-layer behaviour tuple (one value per known field) used to compare a copy with its source."""
+    columns = _columns(family, config)
+    if columns is None:
+        return None
+    n = num_layers(family, config) or 0
+    return [tuple(values[i] for _, values in columns) for i in range(n)]
+
+
+def pattern_warnings(family: Family, config: Config) -> list[str]:
+    """Warnings for explicit per-layer lists that no longer follow the family's periodic index pattern."""
+    sub = family.sub_config(config)
+    n = num_layers(family, config)
+    out: list[str] = []
+    for fld in _fields(family):
+        if n is None or not fld.periodic or fld.derive is None or sub.get(fld.key) in (None, []):
+            continue
+        values = effective_values(fld, sub, n)
+        formula = fld.derive(_without(sub, fld.key), n)
+        if values is not None and values != formula:
+            out.append(_pattern_message(family, fld, [j for j in range(n) if values[j] != formula[j]]))
+    return out
+
+
+def _pattern_message(family: Family, fld: LayerField, layers: list[int]) -> str:
+    return (
+        f"{fld.key}: layers {_short(layers)} break {family.name}'s periodic layer pattern; exact in "
+        "engines that read the explicit list (transformers), but engines or converters that derive "
+        f"per-layer behaviour from the index would run a different model (see {COMPAT_DOC})"
+    )
+
+
+def _short(values: Sequence[int]) -> str:
+    return ", ".join(map(str, values[:8])) + (", …" if len(values) > 8 else "")
+
+
+def _without(sub: Config, key: str) -> dict[str, Any]:
+    return {k: v for k, v in sub.items() if k != key}
+
+
+# --- config rewrite -----------------------------------------------------------------------------------
 
 
 def rewrite_config(family: Family, config: Config, plan: ExpansionPlan) -> tuple[dict[str, Any], list[str]]:
     """The expanded config and warnings: count updated, every per-layer field remapped by source.
 
-    Only the keys the surgery requires change; every other key and value is kept in order.
+    Only the keys the surgery requires change; every other key and value is kept in order. Raises
+    UsageError (exit 2) when the config cannot express the plan, UnsupportedError (exit 3) for fields
+    llamapro cannot remap; both before anything is written.
     """
     new = _deep_copy(config)
     sub = _sub_dict(family, new)
@@ -263,27 +330,37 @@ def rewrite_config(family: Family, config: Config, plan: ExpansionPlan) -> tuple
     sources = [layer.source for layer in plan.layers]
     warnings: list[str] = []
     _refuse_unknown_lists(family, old, n)
-    fields = {f.key: f for f in (*GENERIC_FIELDS, *family.layer_fields)}  # family records win
-    for fld in fields.values():
-        if old.get(fld.key) is None and not fld.write_when_absent:
-            continue
-        values = effective_values(fld, old, n)
+    written: list[tuple[LayerField, list[Any], list[Any]]] = []
+    for fld in _fields(family):
+        values = effective_values(fld, old, n) if _active(fld, old) else None
         if values is None:
             continue
-        warning = _write_field(fld, sub, [values[s] for s in sources])
+        remapped = [values[s] for s in sources]
+        warning = _write_field(family, fld, sub, remapped)
         if warning and (fld.relevant is None or fld.relevant(old)):
             warnings.append(warning)
-    sub[family.count_key] = plan.num_layers_out
+        written.append((fld, values, remapped))
+    if family.count_key in old or not family.count_list:
+        sub[family.count_key] = plan.num_layers_out
     for key in family.drop_keys:
         sub.pop(key, None)
     for key, value in family.set_keys:
         sub[key] = value
+    _check_virtual(family, sub, written, plan)
+    warnings += _broken_patterns(family, old, sub, written, plan)
+    warnings += _remap_quantization(family, new, plan)
+    warnings += _extra_layer_notes(family, old, plan)
     return new, warnings
 
 
-def _write_field(fld: LayerField, sub: dict[str, Any], values: list[Any]) -> str | None:
+def _write_field(family: Family, fld: LayerField, sub: dict[str, Any], values: list[Any]) -> str | None:
+    if fld.kind is FieldKind.VIRTUAL:
+        return None
     if fld.kind is FieldKind.LIST:
         sub[fld.key] = values
+        return None
+    if fld.kind is FieldKind.PATTERN:
+        sub[fld.key] = "".join(values)
         return None
     if fld.kind is FieldKind.INDEX_SET:
         sub[fld.key] = [j for j, member in enumerate(values) if member]
@@ -294,8 +371,8 @@ def _write_field(fld: LayerField, sub: dict[str, Any], values: list[Any]) -> str
         return None
     if fld.required:
         raise UsageError(
-            f"this plan cannot be expressed: {fld.key} needs the layers below a threshold to stay "
-            "a prefix, and the plan puts a copy of one of them after a later layer",
+            f"this plan cannot be expressed for {family.name}: {fld.key} needs the layers below a "
+            "threshold to stay a prefix, and the plan puts a copy of one of them after a later layer",
             hint="place copies right after their source (--every or --after)",
         )
     sub[fld.key] = count
@@ -305,8 +382,99 @@ def _write_field(fld: LayerField, sub: dict[str, Any], values: list[Any]) -> str
     )
 
 
+def _check_virtual(
+    family: Family, sub: Config, written: list[tuple[LayerField, list[Any], list[Any]]], plan: ExpansionPlan
+) -> None:
+    """Per-layer behaviour no config field can state (index arithmetic) must survive the new numbering."""
+    for fld, _, remapped in written:
+        if fld.kind is not FieldKind.VIRTUAL or fld.derive is None:
+            continue
+        got = fld.derive(sub, plan.num_layers_out)
+        bad = [j for j in range(plan.num_layers_out) if got[j] != remapped[j]]
+        if bad:
+            period = _period(got)
+            raise UsageError(
+                f"this plan cannot be expressed for {family.name}: its config derives each layer's kind "
+                f"from the index ({fld.key}), and new layers {_short(bad)} would change kind",
+                hint=f"insert whole periods: --every {period} --copies {period} keeps every layer's kind",
+            )
+
+
+def _period(values: Sequence[Any]) -> int:
+    return next(
+        (p for p in range(1, len(values)) if all(values[i] == values[i % p] for i in range(len(values)))),
+        len(values),
+    )
+
+
+def _broken_patterns(
+    family: Family,
+    old: Config,
+    sub: Config,
+    written: list[tuple[LayerField, list[Any], list[Any]]],
+    plan: ExpansionPlan,
+) -> list[str]:
+    out = []
+    for fld, values, remapped in written:
+        if not fld.periodic or fld.derive is None:
+            continue
+        followed = fld.derive(_without(old, fld.key), plan.num_layers_in) == values
+        formula = fld.derive(_without(sub, fld.key), plan.num_layers_out)
+        if followed and formula != remapped:
+            bad = [j for j in range(plan.num_layers_out) if formula[j] != remapped[j]]
+            out.append(_pattern_message(family, fld, bad))
+    return out
+
+
+def _remap_quantization(family: Family, config: dict[str, Any], plan: ExpansionPlan) -> list[str]:
+    """Layer-indexed module names in quantization_config follow their layer (copies included)."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return []
+    prefixes = [p for p in (family.layer_prefix, family.memory_prefix) if p]
+    pattern = re.compile(
+        "(" + "|".join(re.escape(p).replace(r"\.", r"\\?\.") for p in prefixes) + r")(\d+)(?=\\?\.|$)"
+    )
+    new_of: dict[int, list[int]] = {}
+    for layer in plan.layers:
+        new_of.setdefault(layer.source, []).append(layer.index)
+    shift = plan.num_layers_out - plan.num_layers_in  # extra (MTP) layers beyond the blocks move up
+    for key in QUANT_NAME_KEYS:
+        names = qc.get(key)
+        if isinstance(names, list):
+            qc[key] = [out for name in names for out in _remap_name(name, pattern, new_of, shift)]
+    return []
+
+
+def _remap_name(name: Any, pattern: re.Pattern[str], new_of: dict[int, list[int]], shift: int) -> list[Any]:
+    m = pattern.search(name) if isinstance(name, str) else None
+    if m is None:
+        return [name]
+    index = int(m.group(2))
+    targets = new_of.get(index, [index + shift])
+    return [name[: m.start(2)] + str(j) + name[m.end(2) :] for j in targets]
+
+
+def _extra_layer_notes(family: Family, old: Config, plan: ExpansionPlan) -> list[str]:
+    count = extra_layers(family, old) if family.extra_layers_key else 0
+    if not count:
+        return []
+    n_in, n_out = plan.num_layers_in, plan.num_layers_out
+    return [
+        f"{family.extra_layers_key} = {count}: multi-token-prediction layers at "
+        f"{family.layer_prefix}{n_in}.. (if present) are not blocks and move to "
+        f"{family.layer_prefix}{n_out}..; transformers' own loader "
+        "and MTP drafting look for them only at their hard-coded original index, so they ignore them"
+    ]
+
+
 def _refuse_unknown_lists(family: Family, sub: Config, n: int) -> None:
-    known = {f.key for f in (*GENERIC_FIELDS, *family.layer_fields)}
+    known = {f.key for f in _fields(family)}
+    if sub.get("per_layer_config"):
+        raise UnsupportedError(
+            "config.json: per_layer_config overrides individual layers and llamapro does not remap it yet",
+            hint="please report this config",
+        )
     for key, value in sub.items():
         if n > 1 and isinstance(value, list) and len(value) == n and key not in known | _NOT_PER_LAYER:
             raise UnsupportedError(
@@ -315,7 +483,20 @@ def _refuse_unknown_lists(family: Family, sub: Config, n: int) -> None:
             )
 
 
-_NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "eos_token_id"})
+# List-valued keys whose length can equal the layer count by coincidence.
+_NOT_PER_LAYER = frozenset(
+    {
+        "architectures",
+        "bad_words_ids",
+        "suppress_tokens",
+        "eos_token_id",
+        "time_step_limit",
+        "mlp_multipliers",
+        "ssm_multipliers",
+        "mtp_layers_block_type",
+        "mrope_section",
+    }
+)
 
 
 def _sub_dict(family: Family, config: dict[str, Any]) -> dict[str, Any]:
@@ -333,15 +514,61 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
-def layer_signature(family: Family, config: Config) -> list[tuple[Any, ...]] | None:
-    """Per-layer behaviour tuple (one value per known field) used to compare a copy with its source."""
-    sub = family.sub_config(config)
-    n = num_layers(family, config)
-    if n is None:
-        return None
-    columns: list[Sequence[Any]] = []
-    for fld in (*GENERIC_FIELDS, *family.layer_fields):
-        values = effective_values(fld, sub, n)
-        if values is not None and (fld.key in sub or fld.write_when_absent):
-            columns.append(values)
-    return [tuple(col[i] for col in columns) for i in range(n)]
+# --- generated documentation --------------------------------------------------------------------------
+
+
+def support_matrix_markdown() -> str:
+    """docs/architectures.md, generated from the registry (a test fails when the committed file is stale)."""
+    lines = [
+        "# Supported architectures",
+        "",
+        "<!-- generated by `python scripts/gen_docs.py`; do not edit -->",
+        "",
+        "Each family below is a record in `llamapro_cli/families.py`. *Zeroed* lists the branch-final",
+        "tensors (regexes over the block-relative name) that every inserted copy gets as zeros: weights and",
+        "biases, every routed and shared expert. *Per-layer fields* are the config keys `expand` rewrites so",
+        "each original layer keeps its behaviour and each copy behaves like its source; when a config lacks",
+        "them they are derived with transformers' own formula and written explicitly. Every supported family",
+        "is checked in `tests/test_families.py` against transformers (bit-identical logits, full forward and",
+        "cached decoding). See [compatibility](compatibility.md) for engines that derive per-layer behaviour",
+        "from the index.",
+        "",
+        "| family | model_type | blocks | zeroed in each copy | per-layer fields | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fam in _families():
+        lines.append("| " + " | ".join(_matrix_row(fam)) + " |")
+    lines += [
+        "",
+        "Refused families exit with code 3 before anything is written. Plans a config cannot express",
+        "exit with code 2: a DeepSeek plan that puts a dense layer after a MoE layer",
+        "(`first_k_dense_replace` must stay a threshold), and jamba insertions that change any layer's",
+        "`i % period` (use `--every P --copies P` to copy whole periods). Quantized checkpoints: FP8",
+        "block-scaled (`weight_scale_inv`) and MXFP4 (`*_blocks` zeroed, `*_scales` copied) are",
+        "expanded, and layer-indexed names in `quantization_config` (`ignore`,",
+        "`modules_to_not_convert`) are remapped; GPTQ, AWQ and bitsandbytes are refused (a packed zero",
+        "with zero-points is not zero).",
+        "",
+        "DeepSeek-V3 multi-token-prediction layers (`model.layers.{N}`, N = `num_hidden_layers`) are not",
+        "blocks: they move to the new N and are exempt from the layer-count checks; transformers ignores",
+        "them at load either way (it matches their original hard-coded index).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _matrix_row(fam: Family) -> list[str]:
+    def code(items: Sequence[str]) -> str:
+        return "<br>".join(f"`{i.replace('|', '&#124;')}`" for i in items) or "–"
+
+    fields = [f.key + ("" if f.kind is FieldKind.LIST else f" ({f.kind.value})") for f in fam.layer_fields]
+    where = ".".join((*fam.config_path, "")) if fam.config_path else ""
+    status = f"refused: {fam.refuse}" if fam.refuse else "supported" + (f"; {fam.notes}" if fam.notes else "")
+    return [
+        fam.name,
+        ", ".join(f"`{t}`" for t in fam.model_types),
+        f"`{fam.layer_prefix}{{i}}.`",
+        code(fam.zero),
+        code([where + f for f in fields]),
+        status,
+    ]

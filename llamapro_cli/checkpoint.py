@@ -15,15 +15,18 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import Family, family_for, num_layers
+from .architectures import Family, extra_layers, family_for, num_layers
 from .errors import InputError, UnsupportedError
+from .outdir import is_partial
 from .safetensors_io import Header, TensorInfo, read_header
 
+# headers by shard file, weight_map (tensor -> shard), sharded?, index metadata
+Weights = tuple[dict[str, Header], dict[str, str], bool, dict[str, Any]]
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PROVENANCE_NAME = "llamapro.json"
@@ -41,6 +44,8 @@ HUB_ALLOW_PATTERNS = [
     "USE_POLICY*",
 ]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# config.json, the shard index, llamapro.json: real ones are kilobytes (a large MoE index a few MB).
+MAX_JSON_SIZE = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,12 +68,35 @@ class Checkpoint:
     @classmethod
     def open(cls, source: str | Path, *, revision: str | None = None) -> Checkpoint:
         root, repo_id = resolve(source, revision=revision)
+        return cls.assemble(
+            root,
+            lambda: _read_weights(root),
+            repo_id=repo_id,
+            revision=revision if repo_id else None,
+            where=str(root / "config.json"),
+        )
+
+    @classmethod
+    def assemble(
+        cls,
+        root: Path,
+        load_weights: Callable[[], Weights],
+        *,
+        repo_id: str | None,
+        revision: str | None,
+        where: str,
+    ) -> Checkpoint:
+        """Validate config.json in `root`, then the weights `load_weights` reads (from the folder, or the
+        Hub's API) against it. The config comes first: an unsupported architecture is the clearer error."""
         config, config_sha = _read_config(root)
-        family = family_for(config)
+        try:
+            family = family_for(config)
+        except UnsupportedError as e:  # name the file: the user may have several checkpoints at hand
+            raise UnsupportedError(f"{e.message} (in {where})", hint=e.hint) from e
         count = num_layers(family, config)
         if count is None or count < 1:
-            raise InputError(f"{root / 'config.json'}: no valid {family.count_key} (the layer count)")
-        headers, weight_map, sharded, index_meta = _read_weights(root)
+            raise InputError(f"{where}: no valid {family.count_key} (the layer count)")
+        headers, weight_map, sharded, index_metadata = load_weights()
         ckpt = cls(
             root=root,
             config=config,
@@ -80,8 +108,8 @@ class Checkpoint:
             sharded=sharded,
             provenance=_read_provenance(root),
             repo_id=repo_id,
-            revision=revision if repo_id else None,
-            index_metadata=index_meta,
+            revision=revision,
+            index_metadata=index_metadata,
         )
         ckpt.check_layers()
         return ckpt
@@ -103,9 +131,11 @@ class Checkpoint:
         regex = self.family.block_regex()
         blocks: dict[int, list[str]] = {}
         other: list[str] = []
+        # Layer-indexed modules just past the blocks (DeepSeek-V3 MTP layers) are not blocks.
+        extra = range(self.num_layers, self.num_layers + extra_layers(self.family, self.config))
         for name in self.tensor_names():
             m = regex.match(name)
-            if m:
+            if m and int(m.group(1)) not in extra:
                 blocks.setdefault(int(m.group(1)), []).append(m.group(2))
             else:
                 other.append(name)
@@ -113,12 +143,12 @@ class Checkpoint:
 
     def check_layers(self) -> None:
         blocks, _ = self.split_blocks()
-        expected = set(range(self.num_layers))
         found = set(blocks)
         where = self.root / "config.json"
-        if found != expected:
-            missing = sorted(expected - found)
-            extra = sorted(found - expected)
+        if len(found) != self.num_layers or any(i >= self.num_layers for i in found):
+            # Never materialise range(num_layers): a hostile config may claim 10**18 layers.
+            missing = [i for i in range(min(self.num_layers, len(found) + 9)) if i not in found]
+            extra = sorted(i for i in found if i >= self.num_layers)
             detail = f"missing layers {_short(missing)}" if missing else f"extra layers {_short(extra)}"
             raise InputError(
                 f"{where}: {self.family.count_key} is {self.num_layers} but the weights have "
@@ -128,8 +158,9 @@ class Checkpoint:
             for pattern in self.family.required:
                 if not any(re.fullmatch(pattern, rel) for rel in blocks[index]):
                     raise InputError(
-                        f"layer {index} has no tensor matching {self.family.layer_prefix}{index}."
-                        f"{pattern.replace(chr(92), '')} ({self.family.name} needs it in every layer)"
+                        f"{self.root}: layer {index} has no tensor matching "
+                        f"{self.family.layer_prefix}{index}.{pattern.replace(chr(92), '')} "
+                        f"({self.family.name} needs it in every layer)"
                     )
 
     def total_bytes(self) -> int:
@@ -143,26 +174,46 @@ def _short(values: list[int]) -> str:
     return ", ".join(map(str, values[:8])) + (", …" if len(values) > 8 else "")
 
 
-def resolve(source: str | Path, *, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder, or a hub repo id resolved to its snapshot folder (downloaded when online)."""
+def resolve(
+    source: str | Path, *, revision: str | None = None, local_only: bool = False
+) -> tuple[Path, str | None]:
+    """A local folder, or a hub repo id resolved to its snapshot folder (downloaded when online).
+
+    `local_only` (or HF_HUB_OFFLINE=1) never touches the network: the repo must be in the hub cache.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
+        if is_partial(path.resolve()):
+            raise InputError(
+                f"{path} is the temporary folder of an unfinished llamapro expand, not a checkpoint",
+                hint="it was interrupted or is still running; rerun expand to the same --out",
+            )
         return path.resolve(), None
     if path.exists():
         raise InputError(f"{path} is a file; expected a checkpoint folder or a hub repo id")
     text = str(source)
     if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise InputError(f"{path}: no such folder", hint="give a checkpoint folder or a hub repo id org/name")
-    return _snapshot(text, revision), text
+    return _snapshot(text, revision, local_only=local_only or hub_offline()), text
 
 
-def _snapshot(repo_id: str, revision: str | None) -> Path:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    import huggingface_hub.constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _snapshot(repo_id: str, revision: str | None, *, local_only: bool) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS
+            repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=local_only
         )
     except LocalEntryNotFoundError as e:
         raise InputError(
@@ -174,29 +225,78 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     return Path(folder)
 
 
+def within_checkpoint(root: Path, path: Path) -> bool:
+    """Whether `path`, links followed, stays inside the checkpoint folder `root` (or, for a hub cache
+    snapshot, in that repo's `blobs/`). Files copied verbatim into an output must: a link in a
+    downloaded folder could otherwise smuggle any local file (a key, a token) into a model upload."""
+    target = path.resolve()
+    areas = [root.resolve()]
+    if areas[0].parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev> -> ../../blobs/
+        areas.append(areas[0].parent.parent / "blobs")
+    return any(target.is_relative_to(area) for area in areas)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
 
 def _read_json(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise InputError(f"{path}: {what} is missing")
+    # A FIFO or device would block or never end; a huge file would be read whole.
+    if not path.is_file():
+        raise InputError(f"{path}: {what} is not a regular file")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: {what} is missing") from e
+        with path.open("rb") as f:
+            data = f.read(MAX_JSON_SIZE + 1)
     except OSError as e:
         raise InputError(f"{path}: cannot read {what}: {os.strerror(e.errno or 0)}") from e
+    if len(data) > MAX_JSON_SIZE:
+        raise InputError(f"{path}: {what} is larger than {MAX_JSON_SIZE} bytes")
     try:
         return json.loads(data), data
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: {what} is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise InputError(f"{path}: {what} is nested too deeply") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, ints beyond Python's digit limit
+        raise InputError(f"{path}: {what} is not valid JSON ({_first_line(e)})") from e
 
 
 def _read_config(root: Path) -> tuple[dict[str, Any], str]:
-    config, raw = _read_json(root / "config.json", "config.json")
+    config, raw = _read_json(root / "config.json", "the model config")
     if not isinstance(config, dict):
         raise InputError(f"{root / 'config.json'}: not a JSON object")
+    for key, kind, what in _CONFIG_TYPES:
+        value = config.get(key)
+        if value is not None and not _is_kind(value, kind):
+            raise InputError(f"{root / 'config.json'}: {key} is {_short_json(value)}, not {what}")
     return config, hashlib.sha256(raw).hexdigest()
+
+
+# Standard transformers config fields whose type the readers rely on (null means "absent" for each).
+_CONFIG_TYPES: tuple[tuple[str, type, str], ...] = (
+    ("model_type", str, "a string"),
+    ("architectures", list, "a list of class names"),
+    ("quantization_config", dict, "an object"),
+    ("hidden_size", int, "an integer"),
+    ("tie_word_embeddings", bool, "true or false"),
+    ("use_sliding_window", bool, "true or false"),
+    ("sliding_window", int, "an integer"),
+    ("max_window_layers", int, "an integer"),
+)
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is int:  # bool is an int subclass in Python, but `true` is not a size
+        return type(value) is int
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def _short_json(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _read_provenance(root: Path) -> dict[str, Any] | None:
@@ -206,15 +306,51 @@ def _read_provenance(root: Path) -> dict[str, Any] | None:
     record, _ = _read_json(path, "the llamapro provenance record")
     if not isinstance(record, dict) or not isinstance(record.get("schema_version"), int):
         raise InputError(f"{path}: not a llamapro provenance record (no schema_version)")
+    generation: Any = record
+    while generation is not None:  # the record and every nested parent record
+        problem = _record_problem(generation)
+        if problem:
+            raise InputError(f"{path}: malformed llamapro provenance record ({problem})")
+        generation = generation.get("parent")
     return record
 
 
-def _read_weights(root: Path) -> tuple[dict[str, Header], dict[str, str], bool, dict[str, Any]]:
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with one generation of a llamapro.json record (the fields readers rely on)."""
+    if not isinstance(record, dict):
+        return "a parent record is not an object"
+    layers = record.get("layers")
+    if not isinstance(layers, list) or not all(_layer_entry_ok(x) for x in layers):
+        return "layers is not a list of {index, source, identity} entries"
+    for key in ("source", "plan"):
+        if not isinstance(record.get(key), dict):
+            return f"{key} is not an object"
+    if type(record["source"].get("num_layers")) is not int:
+        return "source.num_layers is not an integer"
+    if not isinstance(record.get("digests"), dict | None) or not isinstance(
+        record.get("parent"), dict | None
+    ):
+        return "digests or parent is neither an object nor null"
+    return None
+
+
+def _layer_entry_ok(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and type(entry.get("index")) is int
+        and type(entry.get("source")) is int
+        and type(entry.get("identity")) is bool
+    )
+
+
+def _read_weights(root: Path) -> Weights:
     index_path = root / INDEX_NAME
     if index_path.exists():
         return _read_sharded(root, index_path)
     single = root / SINGLE_NAME
     if single.exists():
+        if not single.is_file():
+            raise InputError(f"{single} is not a regular file")
         header = read_header(single)
         return {SINGLE_NAME: header}, dict.fromkeys(header.tensors, SINGLE_NAME), False, {}
     _refuse_other_formats(root)
@@ -246,8 +382,10 @@ def _read_sharded(
     for shard in dict.fromkeys(weight_map.values()):
         _check_plain_name(index_path, shard)
         shard_path = root / shard
-        if not shard_path.is_file():
+        if not shard_path.exists():
             raise InputError(f"{index_path}: names shard {shard}, which does not exist")
+        if not shard_path.is_file():
+            raise InputError(f"{index_path}: names shard {shard}, which is not a regular file")
         headers[shard] = read_header(shard_path)
     _cross_check(index_path, weight_map, headers)
     meta = index.get("metadata")
@@ -261,11 +399,15 @@ def _check_plain_name(index_path: Path, name: str) -> None:
 
 def _cross_check(index_path: Path, weight_map: Mapping[str, str], headers: Mapping[str, Header]) -> None:
     seen: dict[str, str] = {}
-    for shard, header in headers.items():
+    for shard, header in headers.items():  # duplicates first: they make the index ambiguous
         for name in header.tensors:
             if name in seen:
-                raise InputError(f"tensor {name} appears in both {seen[name]} and {shard}")
+                raise InputError(
+                    f"{index_path.parent}: tensor {name} appears in both {seen[name]} and {shard}"
+                )
             seen[name] = shard
+    for shard, header in headers.items():
+        for name in header.tensors:
             if weight_map.get(name) != shard:
                 raise InputError(f"{index_path}: tensor {name} is in {shard} but the index does not say so")
     for name, shard in weight_map.items():

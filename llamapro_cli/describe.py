@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .architectures import layer_kinds
+from .architectures import layer_kinds, pattern_warnings
 from .checkpoint import Checkpoint
 
 
@@ -57,10 +57,12 @@ class InspectReport:
     tied_embeddings: bool
     quantization: str | None
     expanded: Expansion | None
+    warnings: tuple[str, ...] = ()  # e.g. a layer pattern engines re-derive from the index
 
 
 def describe_checkpoint(source: str | Path | Checkpoint, *, revision: str | None = None) -> InspectReport:
-    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, revision=revision)
+    """A folder's headers, or a hub repo's read over HTTP (no weights downloaded; the cache offline)."""
+    ckpt = source if isinstance(source, Checkpoint) else _open(source, revision)
     family = ckpt.family
     sub = family.sub_config(ckpt.config)
     regex = family.block_regex()
@@ -97,7 +99,16 @@ def describe_checkpoint(source: str | Path | Checkpoint, *, revision: str | None
         tied_embeddings=_tied(ckpt),
         quantization=str(qc.get("quant_method")) if isinstance(qc, dict) else None,
         expanded=_expansion(ckpt.provenance),
+        warnings=tuple(pattern_warnings(family, ckpt.config)),
     )
+
+
+def _open(source: str | Path, revision: str | None) -> Checkpoint:
+    if Path(source).expanduser().is_dir():
+        return Checkpoint.open(source, revision=revision)
+    from .hub import open_for_inspect  # imports huggingface_hub: only for repo ids
+
+    return open_for_inspect(source, revision=revision)
 
 
 def _tied(ckpt: Checkpoint) -> bool:

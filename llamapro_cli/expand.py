@@ -19,14 +19,15 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .architectures import rewrite_config
-from .checkpoint import INDEX_NAME, PROVENANCE_NAME, Checkpoint
+from .architectures import renumber_extra, rewrite_config
+from .card import CardFacts, write_model_card
+from .checkpoint import INDEX_NAME, PROVENANCE_NAME, Checkpoint, within_checkpoint
 from .errors import OutputError, UsageError
 from .outdir import atomic_output, check_disjoint, free_space
 from .plan import ExpansionPlan, NewLayer, Placement, plan_expansion
@@ -50,9 +51,11 @@ CARRY_PATTERNS = (
     "LICENSE*",
     "NOTICE*",
     "USE_POLICY*",
-    "README.md",
 )
-_OWN_FILES = re.compile(r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)$")
+# Files the output gets from us, never from the input (README.md is the model card, `card.py`).
+_OWN_FILES = re.compile(
+    r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|README\.md)$"
+)
 SCHEMA_VERSION = 1
 
 
@@ -121,8 +124,12 @@ def expand(
     force: bool = False,
     progress: Progress | None = None,
     command: str | None = None,
+    hub_repo_id: str | None = None,
 ) -> ExpandReport:
-    """Expand a checkpoint folder (or hub repo id) into `out`; see design.md §3 for the plan semantics."""
+    """Expand a checkpoint folder (or hub repo id) into `out`; see design.md §3 for the plan semantics.
+
+    `hub_repo_id`: the repo the output will be pushed to, so the model card's commands name it.
+    """
     started = time.monotonic()
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, revision=revision)
     plan = plan_expansion(
@@ -131,10 +138,13 @@ def expand(
     out_path = Path(out).expanduser().absolute()
     check_disjoint(ckpt.root, out_path)
     job = _prepare(ckpt, plan, out_path, parse_size(max_shard_size), command)
+    notes: list[str] = []  # leftovers of killed runs found beside --out (outdir's sweep)
     if not dry_run:
-        with atomic_output(out_path, force=force, need_bytes=job.bytes_to_write) as tmp:
+        with atomic_output(out_path, force=force, need_bytes=job.bytes_to_write, notes=notes.append) as tmp:
             _write(job, tmp, digests=digests, progress=progress)
-    return job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=time.monotonic() - started)
+            write_model_card(tmp / "README.md", _card_facts(job, digests=digests, hub_repo_id=hub_repo_id))
+    report = job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=time.monotonic() - started)
+    return replace(report, warnings=report.warnings + tuple(notes)) if notes else report
 
 
 @dataclass(frozen=True)
@@ -168,7 +178,7 @@ class _Job:
     def report(self, *, dry_run: bool, digests: bool, seconds: float) -> ExpandReport:
         meta = self.metadata()
         shard_reports = tuple(
-            ShardReport(name, len(ts), len(header_bytes(ts, meta)) + sum(t.nbytes for t in ts))
+            ShardReport(name, len(ts), len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts))
             for name, ts in self.shards
         )
         return ExpandReport(
@@ -202,6 +212,29 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _card_facts(job: _Job, *, digests: bool, hub_repo_id: str | None) -> CardFacts:
+    ckpt = job.ckpt
+    readme = ckpt.root / "README.md"
+    return CardFacts(
+        name=hub_repo_id.split("/")[-1] if hub_repo_id else job.out.name,
+        model_ref=hub_repo_id or f"./{job.out.name}",
+        source=ckpt.repo_id or str(ckpt.root),
+        base_model=ckpt.repo_id,
+        revision=ckpt.revision,
+        architecture=ckpt.family.name,
+        command=job.command,
+        plan=job.plan,
+        parameters_in=ckpt.parameter_count(),
+        parameters_out=sum(_numel(t.shape) for _, ts in job.shards for t in ts),
+        digests=digests,
+        original=(
+            readme.read_text(encoding="utf-8", errors="replace")
+            if readme.is_file() and within_checkpoint(ckpt.root, readme)
+            else None
+        ),
+    )
+
+
 def _prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, command: str | None) -> _Job:
     config, config_warnings = rewrite_config(ckpt.family, ckpt.config, plan)
     tensors, zeroed = _tensor_ops(ckpt, plan)
@@ -224,11 +257,14 @@ def _prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, c
 def _tensor_ops(ckpt: Checkpoint, plan: ExpansionPlan) -> tuple[list[OutTensor], list[str]]:
     """Output tensors in layer order: leading non-block tensors, blocks 0..n-1, trailing ones."""
     blocks, other = ckpt.split_blocks()
-    first_block = min((i for i, n in enumerate(ckpt.tensor_names()) if n not in set(other)), default=0)
     order = {name: i for i, name in enumerate(ckpt.tensor_names())}
+    non_block = set(other)
+    first_block = min((i for name, i in order.items() if name not in non_block), default=0)
     lead = [n for n in other if order[n] < first_block]
     tail = [n for n in other if order[n] >= first_block]
-    out: list[OutTensor] = [_copy(ckpt, n, n) for n in lead]
+    n_in, n_out = plan.num_layers_in, plan.num_layers_out
+    # MTP layers past the blocks move up with them (renumber_extra leaves every other name alone).
+    out: list[OutTensor] = [_copy(ckpt, n, renumber_extra(ckpt.family, n, n_in, n_out)) for n in lead]
     zeroed: list[str] = []
     prefix = ckpt.family.layer_prefix
     for layer in plan.layers:
@@ -240,7 +276,7 @@ def _tensor_ops(ckpt: Checkpoint, plan: ExpansionPlan) -> tuple[list[OutTensor],
                 zeroed.append(dst)
             else:
                 out.append(_copy(ckpt, f"{prefix}{layer.source}.{rel}", dst))
-    out.extend(_copy(ckpt, n, n) for n in tail)
+    out.extend(_copy(ckpt, n, renumber_extra(ckpt.family, n, n_in, n_out)) for n in tail)
     return out, zeroed
 
 
@@ -272,7 +308,11 @@ def _companions(root: Path) -> tuple[list[str], list[str]]:
         name = entry.name
         if name.startswith(".") or _OWN_FILES.match(name) or name == PROVENANCE_NAME:
             continue
-        if entry.is_file() and any(fnmatch.fnmatch(name, p) for p in CARRY_PATTERNS):
+        if (
+            entry.is_file()
+            and any(fnmatch.fnmatch(name, p) for p in CARRY_PATTERNS)
+            and within_checkpoint(root, entry)  # never carry a link to a file outside the folder
+        ):
             carried.append(name)
         else:
             not_copied.append(name + ("/" if entry.is_dir() else ""))
@@ -294,7 +334,8 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
     meta["llamapro_provenance_sha256"] = _sha256_json(record)
     hashes: dict[str, str] = {}
     for name, tensors in job.shards:
-        hashes.update(write_shard(tmp / name, tensors, meta, digests=digests, progress=step))
+        # align=None: header padded so the direct-I/O engine reads most tensors straight into place.
+        hashes.update(write_shard(tmp / name, tensors, meta, digests=digests, progress=step, align=None))
     if len(job.shards) > 1:
         _write_index(tmp / INDEX_NAME, job)
     _write_json(tmp / "config.json", job.config)

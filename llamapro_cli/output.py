@@ -260,3 +260,182 @@ def render_expand(report: Any, *, quiet: bool = False) -> None:
 
 def _pairs(layers: Sequence[Any]) -> list[tuple[int, int]]:
     return [(layer.index, layer.source) for layer in layers if layer.identity]
+
+
+def render_freeze_map(fm: Any) -> None:
+    """The human summary of a `FreezeMap` (`freeze-map --format text`)."""
+    total = fm.trainable_numel + fm.frozen_numel
+    pct = 100.0 * fm.trainable_numel / total if total else 0.0
+    pairs = ", ".join(
+        f"{j}<-{s}" for j, s in zip(fm.new_layers, fm.sources or [None] * len(fm.new_layers), strict=True)
+    )
+    rows = [
+        ("checkpoint", f"{fm.checkpoint} ({fm.architecture}, {fm.num_layers} layers)"),
+        ("new layers", pairs if fm.sources else layer_ranges(fm.new_layers)),
+        ("found by", fm.found_by),
+        ("also trainable", ", ".join(fm.also) or "-"),
+        (
+            "trainable",
+            f"{len(fm.trainable_parameters)} parameters in memory ({fm.trainable_tensors} checkpoint "
+            f"tensors), {human_count(fm.trainable_numel)} values ({pct:.2f}%)",
+        ),
+        (
+            "frozen",
+            f"{len(fm.frozen_parameters)} parameters in memory ({fm.frozen_tensors} checkpoint tensors), "
+            f"{human_count(fm.frozen_numel)} values",
+        ),
+        (
+            "layer prefix",
+            fm.layer_prefix
+            + ("" if fm.memory_prefix == fm.layer_prefix else f" (in memory: {fm.memory_prefix})"),
+        ),
+        ("tied embeddings", "yes" if fm.tied_embeddings else "no"),
+        ("digests", fm.digest_algorithm or "none (verify-frozen compares with the expanded checkpoint)"),
+    ]
+    stdout().print(key_value_table(rows))
+    for text in fm.notes:
+        note(f"note: {text}")
+    note(f"next: llamapro freeze-map {fm.checkpoint} --format axolotl|llama-factory|peft|swift|hf|json")
+
+
+def render_snippet(snippet: Any) -> None:
+    """A trainer snippet: the paste-ready text on stdout, notes on stderr."""
+    sys.stdout.write(snippet.text)
+    for text in snippet.notes:
+        note(f"note: {text}")
+
+
+def render_frozen(report: Any) -> None:
+    """The human report of `verify-frozen`: verdict rows, then each changed or missing frozen tensor."""
+    frozen = (
+        f"{report.frozen_checked} compared: {report.frozen_unchanged} unchanged, {len(report.changed)} "
+        f"changed, {len(report.missing)} missing"
+    )
+    trainable = (
+        f"{report.trainable_checked} tensors of layers {layer_ranges(report.new_layers)}: "
+        f"{report.trainable_changed} changed"
+        + (f", {len(report.trainable_missing)} missing" if report.trainable_missing else "")
+    )
+    rows = [
+        ("map", report.map),
+        ("trained", f"{report.trained} ({report.trained_files} file(s))"),
+        ("compared with", report.reference),
+        ("frozen", frozen),
+        ("new layers", trainable),
+    ]
+    if report.stripped_prefixes:
+        rows.append(("name prefixes", "stripped " + ", ".join(report.stripped_prefixes)))
+    if report.retyped:
+        rows.append(("dtype changes", _retyped(report.retyped)))
+    if report.extra:
+        rows.append(("not in the map", f"{len(report.extra)} tensors (e.g. {report.extra[0]})"))
+    verdict = "PASS: every frozen tensor is unchanged" if report.ok else "FAIL"
+    rows.append(("result", verdict))
+    out = stdout()
+    out.print(key_value_table(rows))
+    for item in report.changed:
+        out.print(f"changed: {item.name} ({item.reason})")
+    for name in report.missing:
+        out.print(f"missing: {name}")
+    for text in report.warnings:
+        warn(text)
+
+
+def _retyped(retyped: Sequence[Any]) -> str:
+    """'75 frozen BF16 -> F32 (exact round trip); 18 new-layer BF16 -> F32' (trainers upcast)."""
+    pairs: dict[str, int] = {}
+    for r in retyped:
+        kind = "new-layer" if r.trainable else "frozen"
+        exact = " (exact round trip)" if r.exact else " (not representable)" * (not r.trainable)
+        key = f"{kind} {r.dtype} -> {r.trained_dtype}{exact}"
+        pairs[key] = pairs.get(key, 0) + 1
+    return "; ".join(f"{n} {k}" for k, n in pairs.items())
+
+
+def render_push(report: Any) -> None:
+    """What `push` uploaded (`PushReport`)."""
+    rows = [
+        ("folder", report.folder),
+        ("repo", report.repo_id + (f" (branch {report.branch})" if report.branch else "")),
+        ("url", report.url),
+        ("uploaded", f"{report.files} files, {human_bytes(report.bytes)} ({report.method})"),
+    ]
+    if report.private is not None:
+        rows.append(("private", "yes" if report.private else "no"))
+    if report.commit:
+        rows.append(("commit", report.commit))
+    stdout().print(key_value_table(rows))
+
+
+def render_identity(report: Any) -> None:
+    """The verdict of `verify-identity` (`IdentityReport`) on one unwrapped line, then the figures."""
+    verdict = "IDENTICAL" if report.verdict == "identical" else f"DIFFERENT: {report.reason}"
+    sys.stdout.write(f"verdict: {verdict}\n")  # plain: greppable, never wrapped
+    rows = [
+        (
+            "expanded",
+            f"{report.expanded} ({report.num_layers_out} layers, new {layer_ranges(report.new_layers)})",
+        ),
+        ("base", f"{report.base} ({report.num_layers_in} layers, {report.architecture})"),
+        ("layer mapping", report.mapping),
+        ("structure", _structure(report.structural)),
+    ]
+    if report.engine is None:
+        why = (
+            "skipped" if report.structural is None or report.structural.ok else "not run (structure differs)"
+        )
+        rows.append(("numerical check", why))
+    else:
+        rows += _numbers(report)
+    memory = f"RSS {human_bytes(report.peak_rss_bytes)}"
+    if report.peak_gpu_bytes is not None:
+        memory += f", GPU {human_bytes(report.peak_gpu_bytes)}"
+    rows += [("time", f"{report.seconds:.1f} s"), ("peak memory", memory)]
+    stdout().print(key_value_table(rows))
+
+
+def _structure(result: Any) -> str:
+    if result is None:
+        return "skipped"
+    if not result.ok:
+        where = f" (layer {result.layer})" if result.layer is not None else ""
+        return f"different at {result.tensor}{where}"
+    return (
+        f"identical: {result.tensors_checked} tensors, {human_bytes(result.bytes_compared)} compared "
+        f"({result.seconds:.1f} s)"
+    )
+
+
+def _numbers(report: Any) -> list[tuple[str, str]]:
+    seed = f", seed {report.seed}" if report.seed is not None else ""
+    rows = [
+        ("engine", f"{report.engine} on {report.device}, {report.dtype}"),
+        (
+            "input",
+            f"{report.tokens} {report.input}{seed}: prefill {report.prefill}, then "
+            f"{report.decode_steps} cached one-token steps and {report.decode_steps} greedy tokens",
+        ),
+        (
+            "max |Δ logit|",
+            f"full {_delta(report.full_max_abs)}, cached {_delta(report.cached_max_abs)} "
+            + ("(exact comparison)" if report.atol == 0 else f"(atol {report.atol:g})"),
+        ),
+        ("greedy tokens", {True: "equal", False: "differ", None: "-"}[report.greedy_tokens_equal]),
+    ]
+    if report.divergence:
+        where = [
+            f"{label} {value}"
+            for label, value in (
+                ("layer", report.first_divergence_layer),
+                ("position", report.first_divergence_position),
+            )
+            if value is not None
+        ]
+        rows.append(("first divergence", report.divergence + (f" ({', '.join(where)})" if where else "")))
+    if report.peak_bytes_loaded is not None:
+        rows.append(("weights resident", f"at most {human_bytes(report.peak_bytes_loaded)} at once"))
+    return rows
+
+
+def _delta(value: float | None) -> str:
+    return "-" if value is None else ("0" if value == 0 else f"{value:.3g}")

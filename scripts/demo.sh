@@ -19,3 +19,14 @@ step "llamapro expand --every 4 --in $dir/llama-demo --out $dir/llama-demo-pro -
 
 step "llamapro inspect $dir/llama-demo-pro"
 "$bin/llamapro" inspect "$dir/llama-demo-pro"
+
+step "llamapro verify-identity --out $dir/llama-demo-pro"
+"$bin/llamapro" verify-identity --out "$dir/llama-demo-pro"
+
+step "llamapro freeze-map $dir/llama-demo-pro"
+"$bin/llamapro" freeze-map "$dir/llama-demo-pro"
+
+step "llamapro freeze-map $dir/llama-demo-pro --format axolotl"
+"$bin/llamapro" freeze-map "$dir/llama-demo-pro" --format axolotl
+
+printf '\ndemo finished: %s/llama-demo-pro is an exact 10-layer expansion of %s/llama-demo\n' "$dir" "$dir" >&2

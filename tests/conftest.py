@@ -15,6 +15,9 @@ import pytest
 
 # Before torch is imported anywhere: the suite runs `-n 2` on two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# MKL rounds matrix products differently depending on memory alignment unless told to be strict;
+# exact-logit comparisons need the same rounding for base and expanded (read once, at the first matmul).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -190,8 +190,10 @@ def test_carry_over_and_not_copied(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "o"
-    for name in ("tokenizer.json", "LICENSE", "generation_config.json", "README.md"):
+    for name in ("tokenizer.json", "LICENSE", "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
+    card = (out / "README.md").read_text()  # the model card replaces the input README, keeping its text
+    assert "block-expansion" in card and (src / "README.md").read_text().strip().splitlines()[-1] in card
     for name in ("pytorch_model.bin", "original", "modeling_custom.py"):
         assert not (out / name).exists()
         assert name in result.stderr

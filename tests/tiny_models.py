@@ -52,6 +52,7 @@ class Variant:
     drop_keys: tuple[str, ...] = ()  # removed from config.json after saving (legacy hub configs)
     rename_keys: Mapping[str, str] = field(default_factory=dict)  # config.json key aliases
     layer_types: bool | None = None  # True: config.json must list them; False: must not; None: don't care
+    add_keys: Mapping[str, Any] = field(default_factory=dict)  # set in config.json after saving
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class Family:
     config_class: str  # name in the `transformers` namespace
     config: Mapping[str, Any]
     variants: Mapping[str, Variant]
+    nest: str | None = None  # multimodal: COMMON_CONFIG and variant overrides go into config[nest]
+    cached: bool = True  # False: the CPU slow path's cached decoding does not match its own full forward
+    seq_len: int = 16  # longer than every window/chunk the family has (incl. hard-coded ones)
+    block_prefix: str = BLOCK_PREFIX  # on-disk block prefix
+    # Cached decoding of a 1-output linear (Qwen's shared_expert_gate) rounds differently with the data
+    # pointer's alignment, which follows the tensor's file offset (safetensors mmap): compare on copies.
+    realign: bool = False
 
 
 _QWEN_SLIDING = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 3}
@@ -104,9 +112,310 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def all_variants() -> list[tuple[str, str]]:
-    """Every (family, variant) pair, for parametrisation."""
-    return [(fam, var) for fam, spec in FAMILIES.items() for var in spec.variants]
+# --- the zoo (issue 5): one entry per family, windows/chunks of WINDOW, patterns that insert points break.
+_D = Variant()
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+# MoE on (i+1) % 2 == 0 except layer 3: MoE layers 1, 5; dense 0, 2, 3, 4.
+_QWEN_MOE = {**_MOE, "decoder_sparse_step": 2, "mlp_only_layers": [3], "shared_expert_intermediate_size": 64}
+_DEEPSEEK = {
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 2,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_group": 1,
+    "topk_group": 1,
+    "num_key_value_heads": 4,  # MLA: one latent KV per head
+}
+_LEGACY_TYPES = Variant(drop_keys=("layer_types",), layer_types=False)
+_SLIDING = Variant(layer_types=True)
+_SMALL_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 28,
+    "patch_size": 14,
+}
+_MAMBA2 = {
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_n_groups": 1,
+    "mamba_d_state": 16,
+    "mamba_chunk_size": 4,
+}
+
+FAMILIES.update(
+    {
+        "mixtral": Family(
+            config_class="MixtralConfig",
+            config={"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW},
+            variants={"default": _D},
+        ),
+        "qwen2_moe": Family(
+            config_class="Qwen2MoeConfig",
+            config={
+                **_QWEN_MOE,
+                "use_sliding_window": True,
+                "sliding_window": WINDOW,
+                "max_window_layers": 4,
+            },
+            variants={"default": _SLIDING, "legacy": _LEGACY_TYPES},
+            realign=True,
+        ),
+        "qwen3_moe": Family(
+            config_class="Qwen3MoeConfig", config={**_QWEN_MOE, "head_dim": 16}, variants={"default": _D}
+        ),
+        "gemma": Family(config_class="GemmaConfig", config={"head_dim": 16}, variants={"default": _D}),
+        "gemma2": Family(
+            config_class="Gemma2Config",
+            config={"head_dim": 16, "sliding_window": WINDOW},
+            variants={"default": _SLIDING, "legacy": _LEGACY_TYPES},
+        ),
+        "gemma3_text": Family(
+            config_class="Gemma3TextConfig",
+            config={"head_dim": 16, "sliding_window": WINDOW, "sliding_window_pattern": 3},
+            variants={"default": _SLIDING, "legacy": _LEGACY_TYPES},
+        ),
+        "gemma3": Family(
+            config_class="Gemma3Config",
+            config={
+                "text_config": {"head_dim": 16, "sliding_window": WINDOW, "sliding_window_pattern": 3},
+                "vision_config": _SMALL_VISION,
+                "mm_tokens_per_image": 4,
+                "image_token_index": 127,
+                "boi_token_index": 125,
+                "eoi_token_index": 126,
+            },
+            variants={"default": _SLIDING, "legacy": _LEGACY_TYPES},
+            nest="text_config",
+            block_prefix="language_model.model.layers.",
+        ),
+        "phi3": Family(
+            config_class="Phi3Config",
+            config={"sliding_window": WINDOW, "pad_token_id": 0},
+            variants={"default": _D},
+        ),
+        "phi": Family(
+            config_class="PhiConfig",
+            config={},
+            variants={"default": _D, "qk_layernorm": Variant(config={"qk_layernorm": True})},
+        ),
+        "olmo2": Family(config_class="Olmo2Config", config={"pad_token_id": 0}, variants={"default": _D}),
+        "olmo3": Family(
+            config_class="Olmo3Config",
+            config={"pad_token_id": 0, "sliding_window": WINDOW},
+            variants={"default": _SLIDING, "legacy": _LEGACY_TYPES},
+        ),
+        "granite": Family(
+            config_class="GraniteConfig",
+            config={
+                "residual_multiplier": 0.5,
+                "embedding_multiplier": 2.0,
+                "attention_multiplier": 0.1,
+                "logits_scaling": 2.0,
+                "attention_bias": True,
+                "mlp_bias": True,
+            },
+            variants={"default": _D},
+        ),
+        "starcoder2": Family(
+            config_class="Starcoder2Config",
+            config={"sliding_window": WINDOW, "use_bias": True},
+            variants={"default": _D},
+        ),
+        "gpt_neox": Family(
+            config_class="GPTNeoXConfig",
+            config={},
+            variants={"default": _D, "sequential": Variant(config={"use_parallel_residual": False})},
+            block_prefix="gpt_neox.layers.",
+        ),
+        "falcon": Family(
+            config_class="FalconConfig",
+            config={"bias": True},
+            variants={
+                # Falcon-40B/180B style: grouped KV heads, ln_attn + ln_mlp.
+                "new_arch": Variant(config={"new_decoder_architecture": True, "num_kv_heads": 2}),
+                # Falcon-7B style: multi-query, one input_layernorm feeding both branches, ALiBi off.
+                "parallel": Variant(config={"multi_query": True, "parallel_attn": True}),
+                # Sequential blocks with ALiBi: input_layernorm + post_attention_layernorm.
+                "sequential": Variant(config={"parallel_attn": False, "alibi": True, "multi_query": False}),
+            },
+            block_prefix="transformer.h.",
+        ),
+        "stablelm": Family(
+            config_class="StableLmConfig",
+            config={},
+            variants={
+                "default": _D,
+                "parallel_qk_norm": Variant(config={"use_parallel_residual": True, "qk_layernorm": True}),
+            },
+        ),
+        "cohere": Family(
+            config_class="CohereConfig",
+            config={"pad_token_id": 0, "use_qk_norm": True},
+            variants={"default": _D},
+        ),
+        "cohere2": Family(
+            config_class="Cohere2Config",
+            config={"pad_token_id": 0, "sliding_window": WINDOW},
+            variants={"default": _SLIDING, "legacy": _LEGACY_TYPES},
+        ),
+        "deepseek_v2": Family(config_class="DeepseekV2Config", config=_DEEPSEEK, variants={"default": _D}),
+        "deepseek_v3": Family(config_class="DeepseekV3Config", config=_DEEPSEEK, variants={"default": _D}),
+        "llama4_text": Family(
+            config_class="Llama4TextConfig",
+            config={
+                "head_dim": 16,
+                "intermediate_size_mlp": 96,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 1,
+                "interleave_moe_layer_step": 2,
+                "no_rope_layer_interval": 3,
+                "attention_chunk_size": WINDOW,
+                "pad_token_id": 0,
+            },
+            variants={
+                "default": _D,
+                "legacy": Variant(drop_keys=("layer_types", "no_rope_layers", "moe_layers")),
+            },
+        ),
+        "gpt_oss": Family(
+            config_class="GptOssConfig",
+            config={
+                "head_dim": 16,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "sliding_window": WINDOW,
+            },
+            variants={"default": _SLIDING, "legacy": _LEGACY_TYPES},
+        ),
+        "qwen3_next": Family(
+            config_class="Qwen3NextConfig",
+            config={
+                **_QWEN_MOE,
+                "head_dim": 16,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16,
+                "full_attention_interval": 3,
+            },
+            # The config class consumes full_attention_interval; hub configs that predate layer_types keep it.
+            variants={
+                "default": _D,
+                "legacy": Variant(drop_keys=("layer_types",), add_keys={"full_attention_interval": 3}),
+            },
+            seq_len=72,  # the torch gated-delta rule works in hard-coded chunks of 64
+            realign=True,
+        ),
+        "jamba": Family(
+            config_class="JambaConfig",
+            config={
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "attn_layer_period": 2,
+                "attn_layer_offset": 1,
+                "expert_layer_period": 2,
+                "expert_layer_offset": 1,
+                "mamba_d_state": 8,
+                "mamba_dt_rank": 8,
+                "use_mamba_kernels": False,
+                "pad_token_id": 0,
+            },
+            variants={"default": _D},
+            cached=False,
+        ),
+        "gpt2": Family(
+            config_class="GPT2Config",
+            config={"n_embd": 64, "n_layer": 6, "n_head": 4, "n_positions": 256},
+            variants={
+                "default": _D,
+                "inverse_layer_idx": Variant(config={"scale_attn_by_inverse_layer_idx": True}),
+            },
+            block_prefix="transformer.h.",
+        ),
+        "mamba": Family(
+            config_class="MambaConfig",
+            config={"state_size": 8},
+            variants={"default": _D},
+            cached=False,
+            block_prefix="backbone.layers.",
+        ),
+        "mamba2": Family(
+            config_class="Mamba2Config",
+            config={"num_heads": 8, "head_dim": 16, "n_groups": 1, "state_size": 16, "chunk_size": WINDOW},
+            variants={"default": _D},
+            cached=False,
+            block_prefix="backbone.layers.",
+        ),
+        "falcon_h1": Family(
+            config_class="FalconH1Config",
+            config={**_MAMBA2, "mamba_d_ssm": 128, "head_dim": 16},
+            variants={"default": _D},
+            cached=False,
+        ),
+        "bamba": Family(
+            config_class="BambaConfig",
+            config={**_MAMBA2, "attn_layer_indices": [2, 5]},
+            variants={"default": _D},
+            cached=False,
+        ),
+        "lfm2": Family(
+            config_class="Lfm2Config",
+            config={"layer_types": None, "full_attn_idxs": [2, 5], "pad_token_id": 0},
+            variants={"default": _D, "legacy": Variant(drop_keys=("layer_types",))},
+        ),
+        "granitemoehybrid": Family(
+            config_class="GraniteMoeHybridConfig",
+            config={
+                **_MAMBA2,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "shared_intermediate_size": 64,
+                "residual_multiplier": 0.5,
+                "layer_types": ["mamba", "mamba", "attention", "mamba", "mamba", "attention"],
+            },
+            variants={"default": _D},
+            cached=False,
+        ),
+        "nemotron_h": Family(
+            config_class="NemotronHConfig",
+            config={
+                "head_dim": 16,
+                "mamba_num_heads": 8,
+                "mamba_head_dim": 16,
+                "n_groups": 1,
+                "ssm_state_size": 16,
+                "chunk_size": WINDOW,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "moe_shared_expert_intermediate_size": 32,
+                "layers_block_type": ["mamba", "moe", "attention", "mamba", "mlp", "moe"],
+                "use_mamba_kernels": False,
+            },
+            variants={"default": _D},
+            cached=False,
+            block_prefix="backbone.layers.",
+        ),
+    }
+)
+
+
+# The llama-shaped families `reference_expand` (the oracle's self-test expander) can handle.
+CORE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm3")
+
+
+def all_variants(families: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """Every (family, variant) pair (of `families`, default all), for parametrisation."""
+    names = FAMILIES if families is None else families
+    return [(fam, var) for fam in names for var in FAMILIES[fam].variants]
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -131,7 +440,7 @@ def build_tiny(
     spec = FAMILIES[family]
     var = spec.variants[variant]
     config_cls = getattr(transformers, spec.config_class)
-    config = config_cls(**{**COMMON_CONFIG, **spec.config, **var.config})
+    config = config_cls(**_config_kwargs(spec, var))
     with torch.random.fork_rng(devices=[]):  # keep the global RNG untouched
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -149,20 +458,29 @@ def build_tiny(
     return dest
 
 
+def _config_kwargs(spec: Family, var: Variant) -> dict[str, Any]:
+    if spec.nest is None:
+        return {**COMMON_CONFIG, **spec.config, **var.config}
+    inner = {**COMMON_CONFIG, **spec.config.get(spec.nest, {}), **var.config}
+    return {**spec.config, spec.nest: inner}
+
+
 def _edit_saved_config(dest: Path, var: Variant) -> None:
-    if not (var.drop_keys or var.rename_keys):
+    if not (var.drop_keys or var.rename_keys or var.add_keys):
         return
     path = dest / "config.json"
-    cfg = json.loads(path.read_text())
+    raw = json.loads(path.read_text())
+    cfg = raw.get("text_config") or raw  # legacy edits apply to the text decoder's config
     for key in var.drop_keys:
         del cfg[key]
     for old, new in var.rename_keys.items():
         cfg[new] = cfg.pop(old)
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    cfg.update(var.add_keys)
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
 def _check_saved(dest: Path, var: Variant) -> None:
-    cfg = json.loads((dest / "config.json").read_text())
+    cfg = read_config(dest)
     if var.layer_types is True:
         assert "sliding_attention" in cfg.get("layer_types", ()), f"{dest}: expected explicit layer_types"
     elif var.layer_types is False:
@@ -180,7 +498,11 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def num_layers(path: Path) -> int:
-    return int(read_config(path)["num_hidden_layers"])
+    cfg = read_config(path)
+    for key in ("num_hidden_layers", "n_layer"):  # gpt2 spells it n_layer
+        if key in cfg:
+            return int(cfg[key])
+    return len(cfg["layers_block_type"])  # nemotron_h: the count is the length of its kind list
 
 
 def load_model(path: Path, *, dtype: torch.dtype = torch.float32, attn: str = "eager") -> Any:
@@ -238,9 +560,23 @@ def _windows(cfg: Mapping[str, Any]) -> list[int]:
     return [int(v) for k in keys if isinstance(v := cfg.get(k), int) and v > 0]
 
 
-def _outputs(path: Path, ids: torch.Tensor, prefill: int, attn: str, dtype: torch.dtype) -> dict[str, Any]:
+def _outputs(
+    path: Path,
+    ids: torch.Tensor,
+    prefill: int,
+    attn: str,
+    dtype: torch.dtype,
+    cached: bool = True,
+    realign: bool = False,
+) -> dict[str, Any]:
     model = load_model(path, dtype=dtype, attn=attn)
+    if realign:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.clone()  # fresh, allocator-aligned memory instead of the mmap
     try:
+        if not cached:
+            return {"full": logits_full(model, ids)}
         return {
             "full": logits_full(model, ids),
             "cached": logits_cached(model, ids, prefill),
@@ -260,8 +596,12 @@ def assert_identical(
     seed: int = 0,
     attn: str = "eager",
     dtype: torch.dtype = torch.float32,
+    cached: bool = True,
+    realign: bool = False,
 ) -> None:
-    """Assert the expanded checkpoint has more layers and bit-identical logits and greedy tokens."""
+    """Assert the expanded checkpoint has more layers and bit-identical logits and greedy tokens.
+
+    `cached=False` compares full-sequence logits only (families whose cached decoding is not exact)."""
     n_base, n_exp = num_layers(base_dir), num_layers(expanded_dir)
     assert n_exp > n_base, f"expanded model has {n_exp} layers, base {n_base}: comparison would be vacuous"
     cfg = read_config(base_dir)
@@ -270,8 +610,8 @@ def assert_identical(
     assert not too_small, f"seq_len {seq_len} does not exceed sliding windows {too_small}"
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(cfg["vocab_size"]), (batch, seq_len), generator=gen)
-    base = _outputs(base_dir, ids, prefill, attn, dtype)
-    expanded = _outputs(expanded_dir, ids, prefill, attn, dtype)
+    base = _outputs(base_dir, ids, prefill, attn, dtype, cached, realign)
+    expanded = _outputs(expanded_dir, ids, prefill, attn, dtype, cached, realign)
     failures = []
     for name, ref in base.items():
         got = expanded[name]

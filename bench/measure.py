@@ -1,0 +1,122 @@
+"""Fair timing of one command: cold page cache, the final flush counted, peak RSS of the process tree.
+
+Each run: the previous output is deleted and flushed, the page cache is dropped (`echo 3 >
+/proc/sys/vm/drop_caches`; where that is not permitted, `posix_fadvise(DONTNEED)` on every input file),
+then `bash -c 'COMMAND && sync'` runs under GNU `/usr/bin/time`, whose rusage gives the peak RSS of
+the largest process in the tree (the kernel folds a waited-for child's peak into its parent's) and the
+CPU time of the whole tree. Wall time is measured around the whole command, `sync` included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Sample:
+    wall: float
+    user: float
+    system: float
+    peak_rss: int  # bytes
+    load: float  # 1-minute load average when the run started
+    ok: bool
+    log: str = ""
+
+
+@dataclass
+class Series:
+    tool: str
+    size: str
+    bytes_written: int = 0  # logical size of the output (holes included)
+    samples: list[Sample] = field(default_factory=list)
+    correct: str = ""
+    note: str = ""
+
+    def walls(self) -> list[float]:
+        return [s.wall for s in self.samples if s.ok]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls()) if self.walls() else float("nan")
+
+    @property
+    def peak_rss(self) -> int:
+        return max((s.peak_rss for s in self.samples if s.ok), default=0)
+
+
+def drop_caches(inputs: list[Path]) -> str:
+    """Empty the page cache; returns how ("drop_caches" or "fadvise")."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for path in inputs:
+            for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "fadvise"
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    os.sync()
+
+
+def logical_size(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(f.stat().st_size for f in files)
+
+
+def run(command: str, *, inputs: list[Path], out: Path, env: dict[str, str] | None = None) -> Sample:
+    """Time `command && sync` cold; `out` is removed before (not after: the caller checks it first)."""
+    remove(out)
+    drop_caches(inputs)
+    time.sleep(1.0)  # let the discards of the deletion and the cache drop settle
+    load = os.getloadavg()[0]
+    # /usr/bin/time forks the command from a small process: a child forked straight from this Python
+    # process would report this process's own peak as its floor (Linux carries the peak RSS across exec).
+    stats = out.parent / ".time-stats"
+    started = time.perf_counter()
+    done = subprocess.run(
+        ["/usr/bin/time", "-o", str(stats), "-f", "%M %U %S", "bash", "-c", f"{command} && sync"],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wall = time.perf_counter() - started
+    fields = stats.read_text().split()[-3:]
+    stats.unlink()
+    return Sample(
+        wall=wall,
+        user=float(fields[1]),
+        system=float(fields[2]),
+        peak_rss=int(fields[0]) * 1024,
+        load=load,
+        ok=done.returncode == 0,
+        log=done.stdout[-2000:] if done.returncode else "",  # kept only to explain a failure
+    )
+
+
+def quick_timings(command: list[str], repeat: int = 5) -> list[float]:
+    """Warm wall times of a short command (one unmeasured warm-up run first)."""
+    subprocess.run(command, capture_output=True, check=True)
+    walls = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        subprocess.run(command, capture_output=True, check=True)
+        walls.append(time.perf_counter() - started)
+    return walls

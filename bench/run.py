@@ -1,0 +1,182 @@
+"""`make bench`: llamapro expand against cp -r, a direct-I/O dd copy and mergekit, on real model shapes.
+
+    .venv/bin/python bench/run.py                      # 1.1B and 7B, 3 runs each, writes docs/performance.md
+    .venv/bin/python bench/run.py --sizes 1b --runs 1  # a few minutes
+    .venv/bin/python bench/run.py --quick              # 1.1B, one run, no mergekit, prints only
+    .venv/bin/python bench/run.py --render-only        # re-render the page and plot from bench/results.json
+
+Inputs are synthetic checkpoints of real shapes (bench/synth.py) under bench/.work (git-ignored), made
+once and reused; `--clean` deletes them at the end. Each run is cold (page cache dropped), includes the
+final `sync`, and its output is deleted before the next; tools are alternated within each round. Needs
+root for drop_caches (else posix_fadvise on the inputs) and about input + 1.5 × input of free disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import measure
+import peers
+import report
+import synth
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "bench" / ".work"
+RESULTS = REPO / "bench" / "results.json"
+DOC = REPO / "docs" / "performance.md"
+PNG = REPO / "docs" / "img" / "bench.png"
+EVERY = {"1b": 2, "7b": 4}
+ALL_TOOLS = ["llamapro", "llamapro-digests", "llamapro-buffered", "dd", "cp", "mergekit"]
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1b,7b", help="comma-separated: 1b, 7b")
+    p.add_argument("--runs", type=int, default=3, help="cold runs per tool and size")
+    p.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma-separated: " + ", ".join(ALL_TOOLS))
+    p.add_argument("--quick", action="store_true", help="1b, one run, no mergekit; print, write no doc")
+    p.add_argument("--no-doc", action="store_true", help="do not touch docs/ (results go to bench/.work)")
+    p.add_argument("--clean", action="store_true", help="delete the generated checkpoints at the end")
+    p.add_argument("--render-only", action="store_true", help="re-render docs from bench/results.json")
+    args = p.parse_args()
+    if args.quick:
+        args.sizes, args.runs, args.no_doc = "1b", 1, True
+        args.tools = ",".join(t for t in args.tools.split(",") if t != "mergekit")
+    return args
+
+
+def _free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _skip_reason(tool: str, input_bytes: int, mergekit_note: str) -> str:
+    if tool == "mergekit" and mergekit_note:
+        return mergekit_note
+    if tool == "mergekit" and _mem_available() < input_bytes // 2 + (2 << 30):
+        return (
+            f"skipped: {_mem_available() >> 30} GiB of memory available, mergekit needs about half the input"
+        )
+    if _free(WORK) < input_bytes * 3 // 2 + (2 << 30):
+        return f"skipped: {_free(WORK) >> 30} GiB of free disk, the output needs ~1.5 x the input"
+    return ""
+
+
+def bench_size(name: str, tools: list[str], runs: int, mergekit_note: str) -> dict[str, Any]:
+    shape, every = synth.SHAPES[name], EVERY[name]
+    print(f"== {shape.label}: generating (or reusing) the input", flush=True)
+    src = synth.generate(shape, WORK / "models")
+    input_bytes = measure.logical_size(src)
+    out = WORK / "out"
+    series = {t: measure.Series(t, name) for t in tools}
+    for run in range(runs):
+        for tool in tools[run % len(tools) :] + tools[: run % len(tools)]:  # rotate: alternated order
+            s = series[tool]
+            s.note = s.note or _skip_reason(tool, input_bytes, mergekit_note)
+            if s.note:
+                continue
+            sample = measure.run(peers.command(tool, src, out, every=every, work=WORK), inputs=[src], out=out)
+            s.samples.append(sample)
+            if sample.ok:
+                s.bytes_written = measure.logical_size(out)
+                if peers.TOOLS[tool].expands and not s.correct:
+                    s.correct = peers.check_expansion(src, out, every)
+            else:
+                s.note = (
+                    "failed: " + sample.log.strip().splitlines()[-1][:200] if sample.log.strip() else "failed"
+                )
+            print(
+                f"  run {run + 1} {tool:18s} {sample.wall:7.2f} s  {sample.peak_rss / 1e6:8.0f} MB  "
+                f"load {sample.load:.1f}  {'ok' if sample.ok else 'FAILED'} {s.correct}",
+                flush=True,
+            )
+            measure.remove(out)
+    layers_out = len(peers.layer_map(shape.layers, every))
+    return {
+        "name": name,
+        "label": shape.label,
+        "input_bytes": input_bytes,
+        "shards": len(list(src.glob("*.safetensors"))),
+        "layers": shape.layers,
+        "layers_out": layers_out,
+        "every": every,
+        "runs": runs,
+        "series": [asdict(s) for s in series.values()],
+    }
+
+
+def quick_figures(sizes: list[str]) -> dict[str, Any]:
+    """--help, inspect, expand --dry-run (70B-shaped headers over sparse files): warm and cold."""
+    llamapro = str(peers.BIN / "llamapro")
+    big = "7b" if "7b" in sizes else "1b"
+    model = synth.generate(synth.SHAPES[big], WORK / "models")
+    headers = synth.generate(synth.SHAPES["70b"], WORK / "models", headers_only=True)
+    commands = {
+        "llamapro --help": [llamapro, "--help"],
+        f"llamapro inspect {big.upper()}": [llamapro, "inspect", str(model)],
+        "llamapro inspect 70B": [llamapro, "inspect", str(headers)],
+        "llamapro expand --dry-run 70B": [
+            llamapro, "expand", "--in", str(headers), "--out", str(WORK / "dry"), "--every", "4", "--dry-run"
+        ],
+    }  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, cmd in commands.items():
+        measure.drop_caches([model, headers])
+        started = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True)
+        cold = time.perf_counter() - started
+        out[name] = {"warm": measure.quick_timings(cmd), "cold": cold, "goal": "< 0.3 s"}
+        print(f"  {name:34s} warm {min(out[name]['warm']):.2f} s  cold {cold:.2f} s", flush=True)
+    return out
+
+
+def main() -> None:
+    args = _args()
+    if args.render_only:
+        results = json.loads(RESULTS.read_text())
+        report.write_doc(DOC, results)
+        print("plot:", report.plot(results, PNG))
+        return
+    WORK.mkdir(parents=True, exist_ok=True)
+    sizes, tools = args.sizes.split(","), args.tools.split(",")
+    mergekit_note = peers.setup_mergekit(WORK) if "mergekit" in tools else ""
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "args": " ".join(sys.argv[1:]) or "(defaults)",
+        "environment": peers.environment(),
+        "cache": measure.drop_caches([]),
+        "mergekit": peers.mergekit_version(WORK) if "mergekit" in tools and not mergekit_note else "not run",
+        "sizes": [bench_size(s, tools, args.runs, mergekit_note) for s in sizes],
+    }
+    print("== start-up and header-only commands", flush=True)
+    results["quick"] = quick_figures(sizes)
+    target = WORK / "results.json" if args.no_doc else RESULTS
+    target.write_text(json.dumps(results, indent=1) + "\n")
+    if not args.no_doc:
+        report.write_doc(DOC, results)
+        print("plot written:", report.plot(results, PNG))
+    print("\n".join(ln for ln in report.render(results).splitlines() if ln.startswith(("|", "###"))))
+    if args.clean:
+        shutil.rmtree(WORK / "models", ignore_errors=True)
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()

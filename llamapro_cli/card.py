@@ -1,0 +1,188 @@
+"""The model card `expand` writes as the output's README.md, built with huggingface_hub's `ModelCard`.
+
+The input's card is parsed, its metadata (license, gating `extra_gated_*`, language, tags, datasets, …)
+merged into a new `ModelCardData`, and its text kept below a heading. We add what the Hub uses to show
+lineage (`base_model`, `base_model_relation`), our tags and `library_name`. The body says how the model
+was made: the command, the new layers, the parameter counts, and the commands that check and train it.
+
+Invariant: metadata is only ever produced by `ModelCardData.to_yaml()`, never hand-written YAML, so the
+card parses back with `ModelCard`. Must not: print, touch the network, or invent a `base_model` for a
+local input (the Hub would link to whatever repo has that name).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import OutputError
+from .plan import ExpansionPlan, PlanKind
+
+TAGS = ("llama-pro", "block-expansion")
+PAPER = "https://arxiv.org/abs/2401.02415"
+# Metadata of the original card that describes the original repo, not the expanded one: its own base
+# model and relation, its evaluation results (model-index names the original), its successor.
+_DROPPED_KEYS = frozenset(
+    {"base_model", "base_model_relation", "model-index", "eval_results", "new_version", "library_name"}
+)
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything the card says, gathered by `expand` before the card is rendered."""
+
+    name: str  # the card's title: the output folder's name or the hub repo being pushed to
+    model_ref: str  # how commands in the card name the expanded model (./folder or org/name)
+    source: str  # the input: hub repo id or absolute folder path
+    base_model: str | None  # the input's hub repo id; None for a local folder
+    revision: str | None
+    architecture: str
+    command: str | None
+    plan: ExpansionPlan
+    parameters_in: int
+    parameters_out: int
+    digests: bool
+    original: str | None  # the input's README.md text, None when it has none
+
+
+def model_card(facts: CardFacts) -> Any:
+    """A `huggingface_hub.ModelCard`: merged metadata header + our body + the original card's text."""
+    from huggingface_hub import ModelCard
+
+    metadata, original_text = _parse_original(facts.original)
+    data = card_data(metadata, facts)
+    body = _body(facts, original_text)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def write_model_card(path: Path, facts: CardFacts) -> None:
+    """Write the card to `path` (a new file in the temporary output folder), fsynced like every output."""
+    text = str(model_card(facts))
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {os.strerror(e.errno or 0)}") from e
+
+
+def card_data(original: dict[str, Any], facts: CardFacts) -> Any:
+    """The original card's metadata, minus what described the original repo, plus our lineage fields."""
+    from huggingface_hub import ModelCardData
+
+    kept = {k: v for k, v in original.items() if k not in _DROPPED_KEYS}
+    tags = kept.pop("tags", None) or []
+    tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
+    lineage: dict[str, Any] = {}
+    if facts.base_model:
+        # "finetune" is the Hub's closest relation: same weights plus new (to be trained) blocks.
+        lineage = {"base_model": facts.base_model, "base_model_relation": "finetune"}
+    return ModelCardData(
+        **kept,
+        **lineage,
+        library_name="transformers",
+        tags=list(dict.fromkeys([*tags, *TAGS])),
+        ignore_metadata_errors=True,
+    )
+
+
+def _parse_original(text: str | None) -> tuple[dict[str, Any], str]:
+    """(metadata dict, text below the metadata header); a card whose header is not valid YAML is text."""
+    if not text or not text.strip():
+        return {}, ""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    if not REGEX_YAML_BLOCK.search(text):  # no header (ModelCard would log a warning: we never print)
+        return {}, text
+    try:
+        card = ModelCard(text, ignore_metadata_errors=True)
+    except Exception:  # yaml.YAMLError or a non-mapping header: keep every byte as text rather than guess
+        return {}, text
+    data: Any = card.data  # ModelCardData.to_dict is untyped
+    return dict(data.to_dict()), str(card.text)
+
+
+def _body(facts: CardFacts, original_text: str) -> str:
+    parts = [_intro(facts), _how(facts), _layout(facts.plan), _next_steps(facts)]
+    if original_text.strip():
+        parts.append(
+            f"## Original model card\n\nThe card of `{facts.source}` as it was when this model was made "
+            "(its metadata is merged into this card's header).\n\n" + original_text.strip() + "\n"
+        )
+    return "\n".join(parts)
+
+
+def _intro(facts: CardFacts) -> str:
+    plan = facts.plan
+    base = facts.base_model
+    src = f"[{base}](https://huggingface.co/{base})" if base else f"`{facts.source}`"
+    return (
+        f"# {facts.name}\n\n"
+        f"{src} ({facts.architecture}) expanded from {plan.num_layers_in} to {plan.num_layers_out} layers "
+        f"by [LLaMA Pro]({PAPER}) block expansion with llamapro {__version__}. Each new layer is a copy "
+        "of an original layer whose residual-writing output projections (weights and biases) are zero, so "
+        "until it is trained this model computes exactly the logits of the original. Train the new layers "
+        "only, keeping the original ones frozen.\n"
+    )
+
+
+def _how(facts: CardFacts) -> str:
+    command = facts.command or (
+        f"llamapro expand {plan_options(facts.plan)} --in {facts.source} --out {facts.model_ref}"
+    )
+    revision = f" at revision `{facts.revision}`" if facts.revision else ""
+    return (
+        "## How it was made\n\n"
+        f"Input: `{facts.source}`{revision}. Command:\n\n```bash\n{command}\n```\n\n"
+        "| | layers | parameters |\n|---|---:|---:|\n"
+        f"| original | {facts.plan.num_layers_in} | {_count(facts.parameters_in)} "
+        f"({facts.parameters_in:,}) |\n"
+        f"| expanded | {facts.plan.num_layers_out} | {_count(facts.parameters_out)} "
+        f"({facts.parameters_out:,}) |\n\n"
+        "`llamapro.json` in this repository records the plan, the source and the zeroed tensors.\n"
+    )
+
+
+def _layout(plan: ExpansionPlan) -> str:
+    rows = "".join(f"| {layer.index} | {layer.source} |\n" for layer in plan.layers if layer.identity)
+    line = " ".join(f"[{x.source}]" if x.identity else str(x.source) for x in plan.layers)
+    return (
+        f"## New layers\n\nPlan: `{plan_options(plan)}`. Each new layer starts as an identity copy of its "
+        "source layer.\n\n| new layer | copy of original layer |\n|---:|---:|\n"
+        f"{rows}\nLayout (original layer indices in order; copies in brackets):\n\n```text\n{line}\n```\n"
+    )
+
+
+def _next_steps(facts: CardFacts) -> str:
+    ref = facts.model_ref
+    audit = f"llamapro verify-frozen --map {ref} --trained ./trained\n" if facts.digests else ""
+    return (
+        "## Check and train\n\n```bash\n"
+        "# the expanded model computes exactly what the original does (logits bit for bit)\n"
+        f"llamapro verify-identity --in {facts.source} --out {ref}\n"
+        "# which parameters to train (the new layers), for your trainer: peft, axolotl, llama-factory, ...\n"
+        f"llamapro freeze-map {ref} --format peft\n"
+        f"{audit}```\n"
+    )
+
+
+def plan_options(plan: ExpansionPlan) -> str:
+    """The `expand` options that reproduce a plan, e.g. `--every 4 --copies 1`."""
+    if plan.kind is PlanKind.EVERY:
+        return f"--every {plan.every}" + (f" --copies {plan.copies}" if (plan.copies or 1) != 1 else "")
+    if plan.kind is PlanKind.AFTER:
+        return "--after " + ",".join(map(str, plan.after or ()))
+    placement = plan.placement.value if plan.placement is not None else "interleave"
+    return f"--add {plan.add} --placement {placement}"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)

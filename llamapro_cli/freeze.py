@@ -1,0 +1,433 @@
+"""The freeze map: which tensors of an expanded checkpoint training updates, under both kinds of names.
+
+`freeze_map()` reads an expanded checkpoint's headers and its `llamapro.json` (the source of truth for the
+new layers; without it, layers whose branch-final tensors are all zero by value are the new ones) and
+returns a `FreezeMap`: the trainable and frozen names as **checkpoint keys** (what `verify-frozen`
+audits) and as **in-memory parameter names** (what trainers match, `named_parameters()`), their counts,
+and the per-tensor dtype, shape and sha256 (when `expand --digests` recorded them). `apply_freeze_map()`
+sets `requires_grad` on a loaded model from a map. Trainer snippets live in `trainers.py`, the audit of a
+trained checkpoint in `frozen.py`.
+
+Invariant: the two kinds of names are derived through the architecture record (`Family.layer_prefix`,
+`memory_prefix`, `roles`) and never mixed: `trainable`/`frozen` are checkpoint keys,
+`trainable_parameters`/`frozen_parameters` are `named_parameters()` names. A tied head is a checkpoint
+key (when stored) but never a parameter name: transformers registers the shared matrix once.
+Must not: print, import torch at module level, read tensor data except the zero test of `lineage`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .architectures import Family
+from .checkpoint import Checkpoint
+from .errors import InputError, UsageError
+from .lineage import layer_mapping, zeroed_layers
+
+MANIFEST_SCHEMA = 1
+MANIFEST_KIND = "llamapro freeze-map"
+FOUND_BY_RECORD = "llamapro.json"
+FOUND_BY_ZEROS = "inferred from zero branch-final tensors"
+
+
+class Role(StrEnum):
+    """Non-block tensors `--also` can make trainable (resolved through `Family.roles`)."""
+
+    EMBEDDINGS = "embeddings"
+    HEAD = "head"
+    FINAL_NORM = "final-norm"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One checkpoint tensor: its dtype and shape on disk, its parameter name, its recorded digest."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    parameter: str | None  # in-memory name; None for a tied head or a buffer (not a separate parameter)
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class FreezeMap:
+    """What to train in an expanded checkpoint. `--format json` prints exactly this (docs/freeze-map.md)."""
+
+    schema_version: int
+    kind: str
+    checkpoint: str
+    architecture: str
+    num_layers: int
+    new_layers: tuple[int, ...]
+    sources: tuple[int, ...] | None  # the layer each new layer was copied from; None when inferred
+    found_by: str
+    layer_prefix: str  # checkpoint keys of layer i start with f"{layer_prefix}{i}."
+    memory_prefix: str  # in-memory parameter names of layer i start with f"{memory_prefix}{i}."
+    also: tuple[str, ...]
+    tied_embeddings: bool
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+    trainable_parameters: tuple[str, ...]
+    frozen_parameters: tuple[str, ...]
+    trainable_tensors: int
+    frozen_tensors: int
+    trainable_numel: int
+    frozen_numel: int
+    digest_algorithm: str | None
+    tensors: dict[str, TensorEntry]
+    notes: tuple[str, ...] = field(default=())
+
+    def parameter_numel(self) -> dict[str, int]:
+        """In-memory parameter name -> element count (summed when several keys load into one)."""
+        counts: dict[str, int] = {}
+        for entry in self.tensors.values():
+            if entry.parameter is not None:
+                numel = 1
+                for d in entry.shape:
+                    numel *= d
+                counts[entry.parameter] = counts.get(entry.parameter, 0) + numel
+        return counts
+
+
+def freeze_map(
+    checkpoint: str | Path | Checkpoint, *, also: Iterable[str | Role] = (), revision: str | None = None
+) -> FreezeMap:
+    """The freeze map of an expanded checkpoint: its new layers trainable (plus `also` roles)."""
+    ckpt = (
+        checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint, revision=revision)
+    )
+    roles = parse_roles(also)
+    new_layers, sources, found_by = _new_layers(ckpt)
+    family = ckpt.family
+    tied = is_tied(ckpt)
+    notes: list[str] = []
+    role_names = _resolve_roles(ckpt, roles, tied, notes)
+    block = family.block_regex()
+    trainable_keys = {n for n in ckpt.weight_map if _layer_of(block, n) in new_layers} | role_names
+    digests = _digests(ckpt)
+    tensors = {
+        name: TensorEntry(
+            dtype=ckpt.info(name).dtype,
+            shape=ckpt.info(name).shape,
+            parameter=parameter_name(family, name, tied=tied),
+            sha256=digests.get(name) if digests else None,
+        )
+        for name in ckpt.tensor_names()
+    }
+    if tied and not {Role.EMBEDDINGS, Role.HEAD} & set(roles):
+        notes.append(_tied_note(ckpt))
+    if found_by == FOUND_BY_ZEROS:
+        notes.append(
+            "no llamapro.json: the new layers were found because their branch-final tensors are all zero; "
+            "after training starts they no longer are, so keep this map (--format json) before training"
+        )
+    notes.extend(_parent_note(ckpt, new_layers))
+    return _build(ckpt, tensors, trainable_keys, new_layers, sources, found_by, roles, tied, notes, digests)
+
+
+def _build(
+    ckpt: Checkpoint,
+    tensors: dict[str, TensorEntry],
+    trainable_keys: set[str],
+    new_layers: tuple[int, ...],
+    sources: tuple[int, ...] | None,
+    found_by: str,
+    roles: tuple[Role, ...],
+    tied: bool,
+    notes: list[str],
+    digests: dict[str, str] | None,
+) -> FreezeMap:
+    family = ckpt.family
+    trainable = tuple(n for n in tensors if n in trainable_keys)
+    frozen = tuple(n for n in tensors if n not in trainable_keys)
+    return FreezeMap(
+        schema_version=MANIFEST_SCHEMA,
+        kind=MANIFEST_KIND,
+        checkpoint=ckpt.repo_id or str(ckpt.root),
+        architecture=family.name,
+        num_layers=ckpt.num_layers,
+        new_layers=new_layers,
+        sources=sources,
+        found_by=found_by,
+        layer_prefix=family.layer_prefix,
+        memory_prefix=memory_name(family, family.layer_prefix),
+        also=tuple(r.value for r in roles),
+        tied_embeddings=tied,
+        trainable=trainable,
+        frozen=frozen,
+        trainable_parameters=_parameters(tensors, trainable),
+        frozen_parameters=_parameters(tensors, frozen),
+        trainable_tensors=len(trainable),
+        frozen_tensors=len(frozen),
+        trainable_numel=sum(ckpt.info(n).numel for n in trainable),
+        frozen_numel=sum(ckpt.info(n).numel for n in frozen),
+        digest_algorithm="sha256" if digests else None,
+        tensors=tensors,
+        notes=tuple(notes),
+    )
+
+
+def _parameters(tensors: Mapping[str, TensorEntry], keys: Sequence[str]) -> tuple[str, ...]:
+    # dict.fromkeys: several checkpoint keys may load into one parameter (fused experts); keep order.
+    names = (tensors[k].parameter for k in keys)
+    return tuple(dict.fromkeys(n for n in names if n is not None))
+
+
+def _layer_of(block: Any, name: str) -> int | None:
+    m = block.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _new_layers(ckpt: Checkpoint) -> tuple[tuple[int, ...], tuple[int, ...] | None, str]:
+    if ckpt.provenance is not None:
+        plan = layer_mapping(ckpt).plan
+        copies = [layer for layer in plan.layers if layer.identity]
+        return tuple(c.index for c in copies), tuple(c.source for c in copies), FOUND_BY_RECORD
+    # Without llamapro.json and without the base checkpoint only the zero test can say which are new.
+    found = tuple(zeroed_layers(ckpt))
+    if not found:
+        raise InputError(
+            f"{ckpt.root}: no new layers found (no llamapro.json, and no layer whose branch-final "
+            "tensors are all zero)",
+            hint="freeze-map reads an expanded checkpoint: llamapro expand --every N --in BASE --out DIR",
+        )
+    return found, None, FOUND_BY_ZEROS
+
+
+def parse_roles(also: Iterable[str | Role] | str) -> tuple[Role, ...]:
+    """`--also embeddings,head` (or an iterable of roles) -> roles in canonical order, deduplicated."""
+    items = also.split(",") if isinstance(also, str) else list(also)
+    roles: set[Role] = set()
+    for item in items:
+        text = item.value if isinstance(item, Role) else item.strip().lower().replace("_", "-")
+        if not text:
+            continue
+        try:
+            roles.add(Role(text))
+        except ValueError:
+            raise UsageError(
+                f"--also: unknown role {item!r}", hint="roles: " + ", ".join(r.value for r in Role)
+            ) from None
+    return tuple(r for r in Role if r in roles)
+
+
+def _role_keys(family: Family, role: Role) -> tuple[str, ...]:
+    roles = family.roles
+    return {Role.EMBEDDINGS: roles.embeddings, Role.HEAD: roles.head, Role.FINAL_NORM: roles.final_norm}[role]
+
+
+def _resolve_roles(ckpt: Checkpoint, roles: Sequence[Role], tied: bool, notes: list[str]) -> set[str]:
+    names: set[str] = set()
+    for role in roles:
+        # A tied head *is* the embedding matrix: training "the head" trains the embeddings.
+        source = Role.EMBEDDINGS if role is Role.HEAD and tied else role
+        found = [n for n in _role_keys(ckpt.family, source) if n in ckpt.weight_map]
+        if not found:
+            looked = ", ".join(_role_keys(ckpt.family, source))
+            raise UsageError(f"--also {role.value}: this checkpoint has no such tensor (looked for {looked})")
+        if source is not role:
+            notes.append(
+                f"tied embeddings: the head is the embedding matrix ({', '.join(found)}); "
+                "--also head makes the embeddings trainable"
+            )
+        names.update(found)
+    return names
+
+
+def _tied_note(ckpt: Checkpoint) -> str:
+    embed = ", ".join(n for n in ckpt.family.roles.embeddings if n in ckpt.weight_map) or "the embeddings"
+    return f"tied embeddings: the head shares {embed}, which stays frozen (add --also embeddings to train it)"
+
+
+def is_tied(ckpt: Checkpoint) -> bool:
+    """Whether the head shares the embedding matrix (config says so, or the checkpoint has no head)."""
+    sub = ckpt.family.sub_config(ckpt.config)
+    tied = sub.get("tie_word_embeddings", ckpt.config.get("tie_word_embeddings"))
+    has_head = any(name in ckpt.weight_map for name in ckpt.family.roles.head)
+    return bool(tied) or not has_head
+
+
+def _digests(ckpt: Checkpoint) -> dict[str, str] | None:
+    record = (ckpt.provenance or {}).get("digests")
+    if not record:
+        return None
+    tensors = record.get("tensors") if isinstance(record, dict) else None
+    if record.get("algorithm") != "sha256" or not isinstance(tensors, dict):
+        raise InputError(f"{ckpt.root / 'llamapro.json'}: digests are not a sha256 table of tensor names")
+    if set(tensors) != set(ckpt.weight_map):
+        raise InputError(
+            f"{ckpt.root / 'llamapro.json'}: its digests name other tensors than the checkpoint holds",
+            hint="the folder was modified after expand; re-expand with --digests",
+        )
+    return {str(k): str(v) for k, v in tensors.items()}
+
+
+def _parent_note(ckpt: Checkpoint, new_layers: Sequence[int]) -> list[str]:
+    parent = (ckpt.provenance or {}).get("parent")
+    if not isinstance(parent, dict) or not ckpt.provenance:
+        return []
+    earlier = [int(x["index"]) for x in parent.get("layers") or [] if x.get("identity")]
+    now = {int(x["source"]): int(x["index"]) for x in ckpt.provenance["layers"] if not x["identity"]}
+    moved = sorted(now[j] for j in earlier if j in now)
+    return [
+        f"expanded twice: only the latest expansion's layers ({_join(new_layers)}) are trainable; "
+        f"the earlier new layers are now layers {_join(moved)} and stay frozen"
+    ]
+
+
+def _join(values: Iterable[int]) -> str:
+    return ", ".join(map(str, values)) or "-"
+
+
+# --- names ----------------------------------------------------------------------------------------------
+
+
+def parameter_name(family: Family, key: str, *, tied: bool) -> str | None:
+    """The parameter a checkpoint key loads into; None for a tied head or a key that loads as a buffer."""
+    if tied and key in family.roles.head:
+        return None
+    return memory_name(family, key) or None
+
+
+def memory_name(family: Family, key: str) -> str:
+    """The in-memory parameter name transformers gives checkpoint key `key` (identity for most families).
+
+    The family's block prefix maps to `memory_prefix`; other keys under the same text-model root move with
+    it (e.g. `language_model.model.` on disk -> `model.language_model.` in memory). Then the record's
+    `memory_renames` apply: keys fused at load (MoE experts) all get the fused parameter's name, and a
+    key renamed to "" loads as a buffer, not a parameter.
+    """
+    name = _memory_prefixed(family, key)
+    for pattern, replacement in family.memory_renames:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _memory_prefixed(family: Family, key: str) -> str:
+    disk = family.layer_prefix
+    memory = family.memory_prefix or disk
+    if key.startswith(disk):
+        return memory + key[len(disk) :]
+    disk_root, memory_root = _roots(disk, memory)
+    if disk_root != memory_root and key.startswith(disk_root):
+        return memory_root + key[len(disk_root) :]
+    return key
+
+
+def _roots(disk: str, memory: str) -> tuple[str, str]:
+    """Drop common trailing segments: ('a.model.layers.', 'model.a.layers.') -> ('a.model.', 'model.a.')."""
+    d, m = disk.rstrip(".").split("."), memory.rstrip(".").split(".")
+    while d and m and d[-1] == m[-1]:
+        d, m = d[:-1], m[:-1]
+    return "".join(s + "." for s in d), "".join(s + "." for s in m)
+
+
+# --- the manifest ---------------------------------------------------------------------------------------
+
+
+def load_manifest(source: str | Path | Mapping[str, Any]) -> FreezeMap:
+    """A `FreezeMap` from its JSON (a path or the parsed document), as `--format json` wrote it."""
+    where = str(source) if not isinstance(source, Mapping) else "manifest"
+    data: Any = source
+    if not isinstance(source, Mapping):
+        try:
+            data = json.loads(Path(source).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{where}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{where}: not a readable JSON file ({e})") from None
+    if not isinstance(data, Mapping) or data.get("kind") != MANIFEST_KIND:
+        raise InputError(
+            f"{where}: not a llamapro freeze-map manifest",
+            hint="write one with: llamapro freeze-map EXPANDED --format json > map.json",
+        )
+    if data.get("schema_version") != MANIFEST_SCHEMA:
+        raise InputError(f"{where}: manifest schema_version {data.get('schema_version')!r} is not supported")
+    try:
+        return _from_json(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def _from_json(data: Mapping[str, Any]) -> FreezeMap:
+    tensors = {
+        str(name): TensorEntry(
+            dtype=str(t["dtype"]),
+            shape=tuple(int(d) for d in t["shape"]),
+            parameter=None if t["parameter"] is None else str(t["parameter"]),
+            sha256=None if t["sha256"] is None else str(t["sha256"]),
+        )
+        for name, t in data["tensors"].items()
+    }
+    strings = ("trainable", "frozen", "trainable_parameters", "frozen_parameters", "also", "notes")
+    lists = {key: tuple(str(x) for x in data[key]) for key in strings}
+    sources = data["sources"]
+    return FreezeMap(
+        schema_version=int(data["schema_version"]),
+        kind=str(data["kind"]),
+        checkpoint=str(data["checkpoint"]),
+        architecture=str(data["architecture"]),
+        num_layers=int(data["num_layers"]),
+        new_layers=tuple(int(i) for i in data["new_layers"]),
+        sources=None if sources is None else tuple(int(i) for i in sources),
+        found_by=str(data["found_by"]),
+        layer_prefix=str(data["layer_prefix"]),
+        memory_prefix=str(data["memory_prefix"]),
+        tied_embeddings=bool(data["tied_embeddings"]),
+        trainable_tensors=int(data["trainable_tensors"]),
+        frozen_tensors=int(data["frozen_tensors"]),
+        trainable_numel=int(data["trainable_numel"]),
+        frozen_numel=int(data["frozen_numel"]),
+        digest_algorithm=data["digest_algorithm"],
+        tensors=tensors,
+        **lists,
+    )
+
+
+# --- applying a map to a loaded model -------------------------------------------------------------------
+
+
+class ManifestMismatch(InputError):
+    """The model does not have a parameter the freeze map names: it is not the model the map describes."""
+
+
+@dataclass(frozen=True)
+class FreezeCounts:
+    """What `apply_freeze_map` did."""
+
+    trainable_tensors: int
+    trainable_parameters: int
+    frozen_tensors: int
+    frozen_parameters: int
+
+
+def apply_freeze_map(model: Any, manifest: FreezeMap | str | Path | Mapping[str, Any]) -> FreezeCounts:
+    """Set `requires_grad` on `model` (a torch module): the map's trainable parameters on, all others off.
+
+    Raises `ManifestMismatch` (before touching anything) when a name in the map is not a parameter of
+    `model`. Freeze before wrapping the model (PEFT, DeepSpeed, FSDP, accelerate), which renames or
+    shards parameters.
+    """
+    fm = manifest if isinstance(manifest, FreezeMap) else load_manifest(manifest)
+    params = dict(model.named_parameters())
+    missing = [n for n in (*fm.trainable_parameters, *fm.frozen_parameters) if n not in params]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ManifestMismatch(
+            f"the model has no parameter {shown} ({len(missing)} of the map's names are missing)",
+            hint="apply the map to the unwrapped model it was made for, before PEFT/DeepSpeed/FSDP wrapping",
+        )
+    trainable = set(fm.trainable_parameters)
+    counts = [0, 0, 0, 0]
+    for name, param in params.items():
+        on = name in trainable
+        param.requires_grad_(on)
+        slot = 0 if on else 2
+        counts[slot] += 1
+        counts[slot + 1] += int(param.numel())
+    return FreezeCounts(*counts)

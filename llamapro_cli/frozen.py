@@ -1,0 +1,407 @@
+"""`verify_frozen()`: did training leave every frozen tensor bit-identical, and did it move the new layers?
+
+The reference is the freeze map's sha256 digests (`expand --digests`), or, without them, the expanded
+checkpoint's own bytes. The trained checkpoint is read as bare safetensors files (an index, one file, or
+every `*.safetensors` in the folder): trainers often save weights without config.json or llamapro.json,
+re-shard them, prefix their names (`base_model.model.`, `_orig_mod.`, `module.`) and upcast trainable
+tensors to fp32. Names are matched after stripping those prefixes (or as in-memory parameter names);
+a tensor whose dtype changed is converted back to its original dtype chunk by chunk, and only when that
+round trip is exact can it still be "unchanged".
+
+Invariant: tensor data is streamed in bounded chunks (at most `CHUNK` bytes per read); the report, not
+an exception, says whether the check failed. Must not: print, choose exit codes, import torch except to
+convert dtypes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from .errors import InputError, UsageError
+from .freeze import FreezeMap, TensorEntry, freeze_map, load_manifest
+from .lineage import read_range
+from .safetensors_io import TensorInfo, read_header
+
+CHUNK = 16 * 1024 * 1024
+Progress = Callable[[int, int], None]
+REF_DIGESTS = "sha256 digests recorded by expand --digests"
+REF_BYTES = "the expanded checkpoint's bytes"
+# safetensors dtype -> torch dtype name, for converting a re-typed trained tensor back.
+TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Changed:
+    name: str  # checkpoint key
+    reason: str
+
+
+@dataclass(frozen=True)
+class Retyped:
+    """A trained tensor stored in another dtype than the expanded checkpoint's."""
+
+    name: str
+    dtype: str
+    trained_dtype: str
+    exact: bool  # its values round-trip exactly through the original dtype
+    trainable: bool
+
+
+@dataclass(frozen=True)
+class FrozenReport:
+    """What `verify-frozen` found. `ok` is False when a frozen tensor changed or is missing."""
+
+    map: str
+    trained: str
+    reference: str
+    ok: bool
+    new_layers: tuple[int, ...]
+    frozen_checked: int
+    frozen_unchanged: int
+    changed: tuple[Changed, ...]
+    missing: tuple[str, ...]
+    trainable_checked: int
+    trainable_changed: int
+    trainable_missing: tuple[str, ...]
+    unchanged_new_layers: tuple[int, ...]  # new layers none of whose tensors changed
+    retyped: tuple[Retyped, ...]
+    stripped_prefixes: tuple[str, ...]
+    extra: tuple[str, ...]  # trained tensors the map does not know (e.g. LoRA weights)
+    trained_files: int
+    bytes_read: int
+    warnings: tuple[str, ...]
+    seconds: float
+
+
+def verify_frozen(
+    map_or_expanded: str | Path | FreezeMap,
+    trained: str | Path,
+    *,
+    also: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> FrozenReport:
+    """Compare a trained checkpoint with a freeze map (a manifest file, or an expanded checkpoint)."""
+    started = time.monotonic()
+    fm, label = _load_map(map_or_expanded, also)
+    reference = _reference(fm)
+    files, tensors, stripped, extra = open_trained(Path(trained), fm)
+    audit = _Audit(fm, reference, progress, total=sum(t.info.nbytes for t in tensors.values()))
+    for name in fm.tensors:
+        audit.check(name, tensors.get(name))
+    return audit.report(label, str(trained), files, stripped, extra, time.monotonic() - started)
+
+
+def _load_map(source: str | Path | FreezeMap, also: Sequence[str]) -> tuple[FreezeMap, str]:
+    if isinstance(source, FreezeMap):
+        return source, source.checkpoint
+    path = Path(source).expanduser()
+    if path.is_file():
+        if also:
+            raise UsageError("--also applies when --map is a checkpoint folder; a manifest records its roles")
+        return load_manifest(path), str(path)
+    return freeze_map(source, also=also), str(source)
+
+
+class _Reference:
+    """Where the original bytes' identity comes from: recorded digests, or the expanded checkpoint."""
+
+    def __init__(self, fm: FreezeMap, ckpt: Checkpoint | None) -> None:
+        self.fm, self.ckpt = fm, ckpt
+
+    @property
+    def label(self) -> str:
+        return REF_BYTES if self.ckpt else REF_DIGESTS
+
+    def matches(self, name: str, chunks: Iterator[memoryview]) -> bool:
+        if self.ckpt is None:
+            digest = hashlib.sha256()
+            for chunk in chunks:
+                digest.update(chunk)
+            return digest.hexdigest() == self.fm.tensors[name].sha256
+        path, offset = self.ckpt.location(name)
+        for chunk in chunks:
+            if read_range(path, offset, len(chunk)) != chunk.tobytes():  # bytes compare: a memcmp
+                return False
+            offset += len(chunk)
+        return True
+
+
+def _reference(fm: FreezeMap) -> _Reference:
+    if all(entry.sha256 for entry in fm.tensors.values()):
+        return _Reference(fm, None)
+    try:
+        ckpt = Checkpoint.open(fm.checkpoint)
+    except InputError as e:
+        raise InputError(
+            f"the freeze map has no digests and its checkpoint {fm.checkpoint} cannot be read ({e.message})",
+            hint="pass the expanded checkpoint with --map, or expand with --digests",
+        ) from None
+    for name, entry in fm.tensors.items():
+        info = ckpt.info(name) if name in ckpt.weight_map else None
+        if info is None or info.dtype != entry.dtype or info.shape != entry.shape:
+            raise InputError(f"{ckpt.root}: tensor {name} differs from the freeze map's record of it")
+    return _Reference(fm, ckpt)
+
+
+class _Audit:
+    """Per-tensor verdicts, accumulated into a `FrozenReport`."""
+
+    def __init__(self, fm: FreezeMap, ref: _Reference, progress: Progress | None, total: int) -> None:
+        self.fm, self.ref, self.progress, self.total = fm, ref, progress, total
+        self.trainable = set(fm.trainable)
+        # Keys that are no parameter of their own: a tied head (it *is* the embedding matrix) or a buffer.
+        self.not_parameters = {n for n, e in fm.tensors.items() if e.parameter is None}
+        self.changed: list[Changed] = []
+        self.missing: list[str] = []
+        self.trainable_missing: list[str] = []
+        self.trainable_changed: set[str] = set()
+        self.retyped: list[Retyped] = []
+        self.checked = [0, 0]  # frozen, trainable
+        self.done = 0
+
+    def check(self, name: str, found: TrainedTensor | None) -> None:
+        entry = self.fm.tensors[name]
+        trainable = name in self.trainable
+        if found is None:
+            if name not in self.not_parameters:  # never "missing": trainers need not save them
+                (self.trainable_missing if trainable else self.missing).append(name)
+            return
+        self.checked[trainable] += 1
+        reason = self._compare(name, entry, found, trainable)
+        self.done += found.info.nbytes
+        if self.progress:
+            self.progress(self.done, self.total)
+        if reason is not None:
+            if trainable:
+                self.trainable_changed.add(name)
+            else:
+                self.changed.append(Changed(name, reason))
+
+    def _compare(self, name: str, entry: TensorEntry, t: TrainedTensor, trainable: bool) -> str | None:
+        dtype, shape = entry.dtype, entry.shape
+        if t.info.shape != shape:
+            return f"shape {list(shape)} -> {list(t.info.shape)}"
+        if t.info.dtype == dtype:
+            return None if self.ref.matches(name, _raw_chunks(t)) else "values differ"
+        if not (t.info.dtype in TORCH_DTYPES and dtype in TORCH_DTYPES):
+            self.retyped.append(Retyped(name, dtype, t.info.dtype, False, trainable))
+            return f"stored as {t.info.dtype}, which cannot be compared with {dtype}"
+        conversion = _Conversion(t, dtype)
+        same = self.ref.matches(name, conversion.chunks())
+        self.retyped.append(Retyped(name, dtype, t.info.dtype, conversion.exact, trainable))
+        if not conversion.exact:
+            return f"stored as {t.info.dtype}; its values are not all representable in {dtype}"
+        return None if same else f"values differ (compared after converting {t.info.dtype} to {dtype})"
+
+    def report(
+        self, label: str, trained: str, files: int, stripped: Sequence[str], extra: Sequence[str], secs: float
+    ) -> FrozenReport:
+        fm = self.fm
+        moved = {_layer(fm, n) for n in self.trainable_changed}
+        present = {_layer(fm, n) for n in self.trainable if n not in self.trainable_missing}
+        idle = tuple(i for i in fm.new_layers if i in present and i not in moved)
+        return FrozenReport(
+            map=label,
+            trained=trained,
+            reference=self.ref.label,
+            ok=not self.changed and not self.missing,
+            new_layers=fm.new_layers,
+            frozen_checked=self.checked[0],
+            frozen_unchanged=self.checked[0] - len(self.changed),
+            changed=tuple(self.changed),
+            missing=tuple(self.missing),
+            trainable_checked=self.checked[1],
+            trainable_changed=len(self.trainable_changed),
+            trainable_missing=tuple(self.trainable_missing),
+            unchanged_new_layers=idle,
+            retyped=tuple(self.retyped),
+            stripped_prefixes=tuple(stripped),
+            extra=tuple(extra),
+            trained_files=files,
+            bytes_read=self.done,  # of the trained checkpoint (byte mode reads as much again)
+            warnings=tuple(self._warnings(idle)),
+            seconds=round(secs, 3),
+        )
+
+    def _warnings(self, idle: Sequence[int]) -> list[str]:
+        out = []
+        if idle and self.checked[1] and not self.trainable_changed:
+            out.append(
+                "no tensor of the new layers changed: did training run? (or is this the expanded model?)"
+            )
+        elif idle:
+            out.append(
+                f"new layers {', '.join(map(str, idle))} did not change at all: did training reach them?"
+            )
+        if self.trainable_missing:
+            out.append(f"{len(self.trainable_missing)} trainable tensors are not in the trained checkpoint")
+        return out
+
+
+def _layer(fm: FreezeMap, name: str) -> int | None:
+    if not name.startswith(fm.layer_prefix):
+        return None
+    head = name[len(fm.layer_prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _raw_chunks(t: TrainedTensor) -> Iterator[memoryview]:
+    return read_chunks(t.path, t.offset, t.info.nbytes, CHUNK)
+
+
+def read_chunks(path: Path, offset: int, nbytes: int, step: int) -> Iterator[memoryview]:
+    """`nbytes` at `offset` in pieces of at most `step` bytes, through one reused buffer.
+
+    Each piece is only valid until the next one is requested (consumers hash or compare it at once).
+    """
+    buffer = bytearray(min(step, nbytes))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        done = 0
+        while done < nbytes:
+            n = min(step, nbytes - done)
+            view = memoryview(buffer)[:n]
+            if os.preadv(fd, [view], offset + done) != n:
+                raise InputError(f"{path}: short read at offset {offset + done} (file truncated or changed)")
+            yield view
+            done += n
+    finally:
+        os.close(fd)
+
+
+class _Conversion:
+    """Trained values converted to the original dtype, chunk by chunk, with an exact round-trip check.
+
+    One pass: `chunks()` stops at the first chunk whose values do not survive trained dtype -> original
+    -> trained dtype bit for bit, and `exact` says so (an fp32 copy of bf16 values always survives).
+    """
+
+    def __init__(self, t: TrainedTensor, dtype: str) -> None:
+        self.t, self.dtype, self.exact = t, dtype, True
+
+    def chunks(self) -> Iterator[memoryview]:
+        import torch
+
+        src = getattr(torch, TORCH_DTYPES[self.t.info.dtype])
+        dst = getattr(torch, TORCH_DTYPES[self.dtype])
+        width = torch.empty((), dtype=src).element_size()
+        step = max(width, CHUNK - CHUNK % width)  # whole elements per chunk
+        for view in read_chunks(self.t.path, self.t.offset, self.t.info.nbytes, step):
+            chunk = torch.frombuffer(view, dtype=src)  # shares the read buffer: no copy
+            converted = chunk.to(dst)
+            if not torch.equal(converted.to(src).view(torch.uint8), chunk.view(torch.uint8)):
+                self.exact = False
+                return
+            yield converted.view(torch.uint8).numpy().data
+
+
+# --- the trained checkpoint: bare safetensors files -----------------------------------------------------
+
+# Wrappers trainers put in front of parameter names when saving a state dict.
+WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
+
+
+@dataclass(frozen=True)
+class TrainedTensor:
+    key: str  # the name as stored in the trained checkpoint
+    path: Path
+    offset: int  # absolute file offset of its data
+    info: TensorInfo
+
+
+def open_trained(path: Path, fm: FreezeMap) -> tuple[int, dict[str, TrainedTensor], list[str], list[str]]:
+    """(file count, {checkpoint key: tensor}, prefixes stripped, names the map does not know)."""
+    files = trained_files(path)
+    by_param = _single_key_parameters(fm.tensors)
+    found: dict[str, TrainedTensor] = {}
+    stripped: set[str] = set()
+    extra: list[str] = []
+    for file in files:
+        header = read_header(file)
+        for raw, info in header.tensors.items():
+            name, prefix = _canonical(raw, fm.tensors, by_param)
+            if name is None:
+                extra.append(raw)
+                continue
+            if name in found:
+                raise InputError(f"{path}: tensors {found[name].key} and {raw} both stand for {name}")
+            if prefix:
+                stripped.add(prefix)
+            found[name] = TrainedTensor(raw, file, header.absolute_range(raw)[0], info)
+    return len(files), found, sorted(stripped), extra
+
+
+def _single_key_parameters(tensors: Mapping[str, TensorEntry]) -> dict[str, str]:
+    """In-memory name -> checkpoint key, for parameters loaded from exactly one key."""
+    keys: dict[str, list[str]] = {}
+    for key, entry in tensors.items():
+        if entry.parameter is not None:
+            keys.setdefault(entry.parameter, []).append(key)
+    return {param: ks[0] for param, ks in keys.items() if len(ks) == 1}
+
+
+def _canonical(
+    raw: str, tensors: Mapping[str, TensorEntry], by_param: Mapping[str, str]
+) -> tuple[str | None, str]:
+    name, prefix = raw, ""
+    while True:
+        if name in tensors:
+            return name, prefix
+        if name in by_param:  # saved under its in-memory name (a raw state_dict)
+            return by_param[name], prefix
+        strip = next((p for p in WRAPPER_PREFIXES if name.startswith(p)), None)
+        if strip is None:
+            return None, prefix
+        name, prefix = name[len(strip) :], prefix + strip
+
+
+def trained_files(path: Path) -> list[Path]:
+    """The safetensors files of a trained checkpoint: a file, an index, model.safetensors, or all."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise InputError(f"{path}: not a .safetensors file")
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"{path}: no such file or folder")
+    index = path / INDEX_NAME
+    if index.is_file():
+        return _indexed_files(index)
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{path}: no safetensors files", hint=_no_safetensors_hint(path))
+    return files
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = list(dict.fromkeys(str(v) for v in weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{index}: not a shard index with a weight_map ({type(e).__name__})") from None
+    out = []
+    for shard in shards:
+        if shard != Path(shard).name or not (index.parent / shard).is_file():
+            raise InputError(f"{index}: names shard {shard!r}, which is not a file in the folder")
+        out.append(index.parent / shard)
+    return out
+
+
+def _no_safetensors_hint(path: Path) -> str:
+    if any(path.glob("global_step*")):
+        return "a DeepSpeed checkpoint: run its zero_to_fp32.py (or save_16bit_model) first"
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        return "llamapro never unpickles files: save with save_pretrained(..., safe_serialization=True)"
+    return "point --trained at the folder (or file) the trainer saved the weights in"

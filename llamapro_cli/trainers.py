@@ -1,0 +1,457 @@
+"""Trainer snippets from a freeze map: one renderer per format, each checked by its trainer's own rule.
+
+Every renderer writes a paste-ready snippet (YAML, Python, shell, a regex or a name list) and then
+*applies that trainer's matching rule* (ported from its source, `docs/trainers/*.md`) to the map's
+in-memory parameter names. The snippet is only returned when the rule selects exactly the map's trainable
+set; a format that cannot express the set raises `UsageError` (exit 2) with a hint naming one that can.
+The resolved counts go into a comment in the snippet; pitfalls go into comments or, for `names` and
+`regex` (whose stdout is data), into `notes` for stderr.
+
+Invariant: the snippet text and the self-check use the same values (patterns, ids, prefixes). Must not:
+print, import torch or the trainers themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from .errors import UsageError
+from .freeze import FreezeMap, Role
+
+LORA_RANK = 16  # written into the peft snippet; the adapter counts in its comment assume it
+
+
+class Format(StrEnum):
+    TEXT = "text"
+    NAMES = "names"
+    JSON = "json"
+    REGEX = "regex"
+    AXOLOTL = "axolotl"
+    LLAMA_FACTORY = "llama-factory"
+    PEFT = "peft"
+    SWIFT = "swift"
+    HF = "hf"
+
+
+def parse_format(text: str) -> Format:
+    try:
+        return Format(text.strip().lower())
+    except ValueError:
+        raise UsageError(
+            f"--format: unknown format {text!r}", hint="formats: " + ", ".join(f.value for f in Format)
+        ) from None
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """A rendered snippet and what its trainer's rule selects on the map's parameter names."""
+
+    format: Format
+    text: str  # stdout: paste-ready
+    selected: tuple[str, ...]  # parameter names (peft: module names that get an adapter)
+    tensors: int  # trainable tensors under the trainer's rule
+    parameters: int  # trainable parameters under the trainer's rule
+    notes: tuple[str, ...]  # for stderr
+
+
+def render(fm: FreezeMap, fmt: Format | str) -> Snippet:
+    """The snippet for one trainer format (not `text`/`json`, which `output` renders from the map)."""
+    fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
+    renderers: dict[Format, Callable[[FreezeMap], Snippet]] = {
+        Format.NAMES: _names,
+        Format.REGEX: _regex,
+        Format.AXOLOTL: _axolotl,
+        Format.LLAMA_FACTORY: _llama_factory,
+        Format.PEFT: _peft,
+        Format.SWIFT: _swift,
+        Format.HF: _hf,
+    }
+    if fmt not in renderers:
+        raise UsageError(f"--format {fmt.value} is not a trainer snippet")
+    return renderers[fmt](fm)
+
+
+# --- shared pieces --------------------------------------------------------------------------------------
+
+
+def all_parameters(fm: FreezeMap) -> tuple[str, ...]:
+    return (*fm.trainable_parameters, *fm.frozen_parameters)
+
+
+def _checked(fm: FreezeMap, fmt: Format, selected: Sequence[str], text: str, notes: Sequence[str]) -> Snippet:
+    """Refuse unless the trainer's rule selected exactly the map's trainable parameters."""
+    want, got = set(fm.trainable_parameters), set(selected)
+    if got != want:
+        _refuse(fmt, sorted(got - want), sorted(want - got))
+    numel = fm.parameter_numel()
+    return Snippet(fmt, text, tuple(selected), len(got), sum(numel[n] for n in got), tuple(notes))
+
+
+def _refuse(fmt: Format, extra: Sequence[str], missing: Sequence[str]) -> None:
+    detail = []
+    if extra:
+        detail.append(f"it would also train {_few(extra)}")
+    if missing:
+        detail.append(f"it would miss {_few(missing)}")
+    raise UsageError(
+        f"--format {fmt.value} cannot express this trainable set: {'; '.join(detail)}",
+        hint="use --format axolotl, swift or hf (exact layer lists), or names/json",
+    )
+
+
+def _few(names: Sequence[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _ids(fm: FreezeMap) -> str:
+    return ", ".join(map(str, fm.new_layers))
+
+
+def _role_parameters(fm: FreezeMap) -> list[str]:
+    """Trainable parameters outside the new layers (the `--also` roles), in map order."""
+    prefixes = tuple(f"{fm.memory_prefix}{i}." for i in fm.new_layers)
+    return [n for n in fm.trainable_parameters if not n.startswith(prefixes)]
+
+
+def _header(fm: FreezeMap, snippet_counts: str) -> list[str]:
+    also = f" + {', '.join(fm.also)}" if fm.also else ""
+    return [
+        f"# llamapro freeze-map {fm.checkpoint}",
+        *comment(f"trains new layers {_ids(fm)} of {fm.num_layers}{also} ({fm.found_by})"),
+        *comment(snippet_counts),
+    ]
+
+
+def _counts(fm: FreezeMap, rule: str) -> str:
+    return (
+        f"checked with {rule}: {len(fm.trainable_parameters)} trainable tensors, "
+        f"{_trainable_numel(fm):,} trainable parameters"
+    )
+
+
+def _trainable_numel(fm: FreezeMap) -> int:
+    numel = fm.parameter_numel()
+    return sum(numel[n] for n in fm.trainable_parameters)
+
+
+def pitfalls(fm: FreezeMap, *, checkpointing: str) -> list[str]:
+    """The pitfalls that apply, as wrapped comment lines: reentrant checkpointing with frozen
+    embeddings (no gradient reaches the new layers), ZeRO-3 / FSDP with partially frozen models."""
+    texts = []
+    if Role.EMBEDDINGS.value not in fm.also:
+        texts.append(
+            f"Gradient checkpointing: {checkpointing}. With reentrant checkpointing and frozen "
+            "embeddings no gradient reaches the new layers and training silently does nothing."
+        )
+    texts.append(
+        "ZeRO-3 / FSDP: freeze before the model is wrapped (deepspeed.initialize, accelerator.prepare). "
+        "FSDP1 with use_orig_params=false needs each unit all-frozen or all-trainable: wrap per decoder "
+        "layer. ZeRO-3 + non-reentrant checkpointing + frozen parameters needs DeepSpeed with PR #8130."
+    )
+    return [line for text in texts for line in comment(text)]
+
+
+def comment(text: str) -> list[str]:
+    return textwrap.wrap(text, width=100, initial_indent="# ", subsequent_indent="#   ")
+
+
+# --- names and regex: stdout is data, everything else goes to stderr -------------------------------------
+
+
+def _names(fm: FreezeMap) -> Snippet:
+    names = list(fm.trainable_parameters)
+    notes = [_counts(fm, "exact parameter names"), *fm.notes]
+    return _checked(fm, Format.NAMES, names, "\n".join(names) + "\n", notes)
+
+
+def layer_regex(fm: FreezeMap) -> str:
+    """One anchored Python regex over in-memory names; the same under re.match, search and fullmatch."""
+    parts = [rf"{re.escape(fm.memory_prefix)}(?:{'|'.join(map(str, fm.new_layers))})\..+"]
+    parts += [re.escape(n) for n in _role_parameters(fm)]
+    return "^(?:" + "|".join(parts) + ")$"
+
+
+def _regex(fm: FreezeMap) -> Snippet:
+    pattern = layer_regex(fm)
+    rx = re.compile(pattern)
+    selected = [n for n in all_parameters(fm) if rx.match(n)]
+    notes = [_counts(fm, "re.match"), *fm.notes]
+    return _checked(fm, Format.REGEX, selected, pattern + "\n", notes)
+
+
+# --- Axolotl: unfrozen_parameters (src/axolotl/utils/freeze.py, LayerNamePattern) -------------------------
+
+
+def axolotl_patterns(fm: FreezeMap) -> list[str]:
+    # Plain dots: Axolotl escapes every "." not followed by "+" itself (a "\." would become "\\.").
+    # The trailing dot keeps layer 4 from matching 40-49 under its start-anchored re.match.
+    layers = [f"{fm.memory_prefix}{i}." for i in fm.new_layers]
+    return layers + [f"{n}$" for n in _role_parameters(fm)]
+
+
+def _axolotl_match(patterns: Sequence[str], names: Sequence[str]) -> list[str]:
+    compiled = [re.compile(re.sub(r"\.(?!\+)", "\\.", p)) for p in patterns]
+    return [n for n in names if any(rx.match(n) for rx in compiled)]
+
+
+def _axolotl(fm: FreezeMap) -> Snippet:
+    patterns = axolotl_patterns(fm)
+    selected = _axolotl_match(patterns, all_parameters(fm))
+    lines = _header(fm, _counts(fm, "Axolotl's rule (dots escaped, re.match)"))
+    lines += [
+        "# Full fine-tuning only (no `adapter:`): for LoRA on the new layers use",
+        f"#   adapter: lora / lora_target_linear: true / peft_layers_to_transform: [{_ids(fm)}]",
+        "#   peft_layers_pattern: [layers]   (Axolotl refuses it together with unfrozen_parameters)",
+        *pitfalls(
+            fm, checkpointing="keep use_reentrant false (Axolotl refuses true with unfrozen_parameters)"
+        ),
+        "unfrozen_parameters:",
+        *(f"  - {p}" for p in patterns),
+        "gradient_checkpointing_kwargs:",
+        "  use_reentrant: false",
+    ]
+    return _checked(fm, Format.AXOLOTL, selected, "\n".join(lines) + "\n", fm.notes)
+
+
+# --- LLaMA-Factory: freeze tuning with use_llama_pro (model/adapter.py::_setup_freeze_tuning) -------------
+
+
+def llama_factory_ids(num_layers: int, k: int) -> list[int] | None:
+    """The layers `use_llama_pro` trains for `freeze_trainable_layers: k` (None: it raises)."""
+    if k <= 0 or num_layers % k:
+        return None
+    stride = num_layers // k
+    return list(range(stride - 1, num_layers + stride - 1, stride))
+
+
+def _llama_factory_match(fm: FreezeMap, k: int, extra_modules: Sequence[str]) -> list[str]:
+    ids = llama_factory_ids(fm.num_layers, k) or []
+    needles = [f".{i}." for i in ids] + list(extra_modules)  # a plain substring test, as LLaMA-Factory does
+    return [n for n in all_parameters(fm) if any(t in n for t in needles)]
+
+
+def _llama_factory(fm: FreezeMap) -> Snippet:
+    k = len(fm.new_layers)
+    ids = llama_factory_ids(fm.num_layers, k)
+    if ids != list(fm.new_layers):
+        would = f"it would train layers {_few([str(i) for i in ids])}" if ids else f"{k} does not divide it"
+        raise UsageError(
+            f"--format llama-factory cannot express new layers {_ids(fm)} of {fm.num_layers}: use_llama_pro "
+            f"trains layers k*s-1 with stride s = {fm.num_layers}/{k}, and {would}",
+            hint="use --format axolotl, swift or hf for full fine-tuning of exactly these layers, "
+            "or --format peft for LoRA",
+        )
+    # freeze_extra_modules takes the module name one level above the parameter (name.split(".")[-2]),
+    # and LLaMA-Factory only accepts those of parameters outside numbered layers.
+    extra = list(dict.fromkeys(n.split(".")[-2] for n in _role_parameters(fm)))
+    outside = {n.split(".")[-2] for n in all_parameters(fm) if not re.search(r"\.\d+\.", n)}
+    if not set(extra) <= outside:
+        _refuse(Format.LLAMA_FACTORY, [], sorted(set(extra) - outside))
+    selected = _llama_factory_match(fm, k, extra)
+    lines = _header(fm, _counts(fm, "LLaMA-Factory's rule (stride ids, substring match)"))
+    lines += [
+        f"# use_llama_pro re-derives the layers from num_hidden_layers (stride {fm.num_layers}/{k}),",
+        "# which gives exactly the new layers here. Trainable params are upcast to fp32 unless",
+        "# pure_bf16: saved new layers may be fp32 (llamapro verify-frozen converts them back).",
+        *pitfalls(fm, checkpointing="use_reentrant_gc: false (LLaMA-Factory's default is true)"),
+        "finetuning_type: freeze",
+        f"freeze_trainable_layers: {k}  # the number of NEW layers, not 'the last {k} layers'",
+        "freeze_trainable_modules: all",
+        "use_llama_pro: true",
+        "use_reentrant_gc: false",
+    ]
+    if extra:
+        lines.append(f"freeze_extra_modules: {','.join(extra)}")
+    return _checked(fm, Format.LLAMA_FACTORY, selected, "\n".join(lines) + "\n", fm.notes)
+
+
+# --- PEFT LoRA: layers_to_transform (tuners/tuners_utils.py::check_target_module_exists) ------------------
+
+
+def module_names(parameters: Sequence[str]) -> list[str]:
+    """Every module that owns or contains a parameter (what `named_modules()` yields, root excluded)."""
+    seen: dict[str, None] = {}
+    for name in parameters:
+        parts = name.split(".")[:-1]
+        for end in range(1, len(parts) + 1):
+            seen.setdefault(".".join(parts[:end]))
+    return list(seen)
+
+
+def lora_targets(fm: FreezeMap) -> list[str]:
+    """Modules of the new layers that get an adapter: those owning a 2-D weight (the linear layers),
+    except per-head norms (Cohere's q/k LayerNorm weights are 2-D too)."""
+    prefixes = tuple(f"{fm.memory_prefix}{i}." for i in fm.new_layers)
+    out = []
+    for e in fm.tensors.values():
+        name = e.parameter
+        if name and name.startswith(prefixes) and name.endswith(".weight") and len(e.shape) == 2:
+            module = name[: -len(".weight")]
+            if "norm" not in module.rsplit(".", 1)[-1]:
+                out.append(module)
+    return out
+
+
+def _peft_match(modules: Sequence[str], args: dict[str, Any]) -> list[str]:
+    targets: list[str] = args["target_modules"]
+    layers = set(args["layers_to_transform"])
+    pattern = str(args["layers_pattern"])
+    saved: list[str] = args.get("modules_to_save") or []
+    out = []
+    for key in modules:
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in saved):
+            continue  # PEFT never puts an adapter on a modules_to_save module
+        if not (key in targets or any(key.endswith(f".{t}") for t in targets)):
+            continue
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+        if m and int(m.group("idx")) in layers:
+            out.append(key)
+    return out
+
+
+def has_fused_experts(fm: FreezeMap) -> bool:
+    """Whether the model holds MoE experts as fused parameters: several checkpoint keys loading into one
+    parameter, or a 3-D `experts` tensor (fused on disk already); convolutions are 3-D too, so the name
+    matters."""
+    keys: dict[str, int] = {}
+    for entry in fm.tensors.values():
+        if entry.parameter is not None:
+            keys[entry.parameter] = keys.get(entry.parameter, 0) + 1
+            if len(entry.shape) > 2 and ".experts." in entry.parameter:
+                return True
+    return any(n > 1 for n in keys.values())
+
+
+def peft_arguments(fm: FreezeMap) -> dict[str, Any]:
+    """LoraConfig keyword arguments putting adapters on exactly the new layers' linear modules."""
+    if has_fused_experts(fm):
+        # PEFT under transformers 5 rewrites target names it knows from per-expert checkpoints
+        # (gate_proj, w1, gate, ...) into `target_parameters` on the fused experts of *every* layer,
+        # ignoring layers_to_transform (peft/utils/transformers_weight_conversion.py): no list of
+        # leaf names is safe, so refuse rather than print a snippet that trains original layers.
+        raise UsageError(
+            "--format peft cannot limit LoRA to the new layers of a model with fused MoE experts: PEFT "
+            "turns expert target names into target_parameters on every layer, ignoring layers_to_transform",
+            hint="use --format hf, axolotl or swift (full training of the new layers)",
+        )
+    if any(n.endswith(".A_log") for n in all_parameters(fm)):
+        # PEFT refuses LoRA on out_proj/conv1d of Mamba-style models
+        # (peft/tuners/tuners_utils.py::_check_lora_target_modules_mamba).
+        raise UsageError(
+            "--format peft does not support models with Mamba-style state-space mixers",
+            hint="use --format hf, axolotl or swift (full training of the new layers)",
+        )
+    targets = lora_targets(fm)
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    saved = sorted({n.rsplit(".", 1)[0] for n in _role_parameters(fm)})
+    modules = module_names(all_parameters(fm))
+    # layers_pattern is a regex fragment: the last prefix segment, else the whole (escaped) prefix.
+    for pattern in (fm.memory_prefix.rstrip(".").rsplit(".", 1)[-1], re.escape(fm.memory_prefix.rstrip("."))):
+        args: dict[str, Any] = {
+            "target_modules": leaves,
+            "layers_to_transform": list(fm.new_layers),
+            "layers_pattern": pattern,
+        }
+        if saved:
+            args["modules_to_save"] = saved  # full module names: PEFT matches them with endswith
+        if sorted(_peft_match(modules, args)) == sorted(targets):
+            return args
+    raise UsageError(
+        "--format peft cannot put adapters on exactly the new layers' linear modules of this model",
+        hint="use --format hf or axolotl (full fine-tuning of the new layers)",
+    )
+
+
+def _peft(fm: FreezeMap) -> Snippet:
+    args = peft_arguments(fm)
+    targets = lora_targets(fm)
+    shapes = {e.parameter: e.shape for e in fm.tensors.values() if e.parameter}
+    adapter = sum(LORA_RANK * sum(shapes[f"{t}.weight"]) for t in targets)
+    saved = _role_parameters(fm)
+    numel = fm.parameter_numel()
+    lines = _header(
+        fm,
+        f"checked with PEFT's rule (target suffix + layers_pattern index): adapters on {len(targets)} "
+        f"linear modules; with r={LORA_RANK}: {2 * len(targets) + len(saved)} trainable tensors, "
+        f"{adapter + sum(numel[n] for n in saved):,} trainable parameters",
+    )
+    lines += [
+        "# layers_to_transform only reaches modules inside numbered layers; modules_to_save (with --also)",
+        "# trains a deep copy of each listed module (extra memory).",
+        *pitfalls(
+            fm, checkpointing='call model.enable_input_require_grads() or use {"use_reentrant": False}'
+        ),
+        "from peft import LoraConfig, get_peft_model",
+        "",
+        "lora_config = LoraConfig(",
+        f"    r={LORA_RANK},",
+        f"    lora_alpha={2 * LORA_RANK},",
+        *(f"    {key}={_py(value)}," for key, value in args.items()),
+        '    task_type="CAUSAL_LM",',
+        ")",
+        "model = get_peft_model(model, lora_config)",
+    ]
+    return Snippet(
+        Format.PEFT, "\n".join(lines) + "\n", tuple(targets), 2 * len(targets) + len(saved), adapter, fm.notes
+    )
+
+
+def _py(value: object) -> str:
+    return json.dumps(value)  # lists of str/int and str: JSON spelling is valid Python here
+
+
+# --- ms-swift: full tuning with trainable prefixes (swift/utils/transformers_utils.py) --------------------
+
+
+def swift_prefixes(fm: FreezeMap) -> list[str]:
+    # startswith matching: the trailing dot keeps layer 4 from matching 40-49.
+    return [f"{fm.memory_prefix}{i}." for i in fm.new_layers] + _role_parameters(fm)
+
+
+def _swift(fm: FreezeMap) -> Snippet:
+    prefixes = swift_prefixes(fm)
+    # freeze_parameters_ratio 1 freezes everything; activate_parameters then turns prefixes back on.
+    selected = [n for n in all_parameters(fm) if any(n.startswith(p) for p in prefixes)]
+    lines = _header(fm, _counts(fm, "ms-swift's rule (freeze all, then startswith)"))
+    lines += [
+        "# --trainable_parameters applies only with --tuner_type full (--train_type before ms-swift v4).",
+        "# Do not use --tuner_type llamapro on this checkpoint: it would expand it again at load time.",
+        *pitfalls(fm, checkpointing="add --gradient_checkpointing_kwargs '{\"use_reentrant\": false}'"),
+        f"swift pt --model {shlex.quote(fm.checkpoint)} \\",
+        "  --tuner_type full --freeze_parameters_ratio 1 \\",
+        "  --trainable_parameters " + " ".join(shlex.quote(p) for p in prefixes),
+    ]
+    return _checked(fm, Format.SWIFT, selected, "\n".join(lines) + "\n", fm.notes)
+
+
+# --- Hugging Face Trainer / plain PyTorch: requires_grad on `model` --------------------------------------
+
+
+def _hf(fm: FreezeMap) -> Snippet:
+    pattern = layer_regex(fm)
+    rx = re.compile(pattern)
+    selected = [n for n in all_parameters(fm) if rx.match(n)]
+    n = len(fm.trainable_parameters)
+    lines = _header(fm, _counts(fm, "re.match on named_parameters()"))
+    lines += [
+        "# Freeze after resize_token_embeddings (it makes the embeddings trainable again) and before",
+        "# Trainer / accelerate / DeepSpeed see the model.",
+        *pitfalls(
+            fm, checkpointing='TrainingArguments(gradient_checkpointing_kwargs={"use_reentrant": False})'
+        ),
+        "import re",
+        "",
+        f'TRAINABLE = re.compile(r"{pattern}")',  # names hold no quotes
+        "for name, param in model.named_parameters():",
+        "    param.requires_grad_(TRAINABLE.match(name) is not None)",
+        "n_trainable = sum(p.requires_grad for p in model.parameters())",
+        f'assert n_trainable == {n}, f"expected {n} trainable tensors, got {{n_trainable}} (wrapped model?)"',
+    ]
+    return _checked(fm, Format.HF, selected, "\n".join(lines) + "\n", fm.notes)

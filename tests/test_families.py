@@ -1,0 +1,302 @@
+"""Every model family of the registry, checked against transformers itself (issue 5).
+
+For each family a tiny model built from its config class (weights perturbed, so norms and routers are
+non-trivial) is expanded with the real `llamapro_cli.expand.expand`, with insert points that *break* any
+periodic pattern (copies of a global/NoPE/MoE/attention layer), reloaded with no missing, unexpected or
+mismatched keys, and compared with `torch.equal`: full forward and cached decoding (base cached vs
+expanded cached), sequences longer than every window/chunk, for configs with explicit per-layer lists and
+legacy configs without them. Mamba-style families compare full-sequence logits only: on the CPU slow
+path their cached decoding does not even match their own full forward (reference/architectures.md).
+Also: the ported per-layer formulas against the config classes, every refusal (exit code, one line,
+nothing written), MTP renumbering, FP8/MXFP4 byte surgery, pattern warnings and the generated doc.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import tiny_models as tm
+import transformers
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from llamapro_cli import architectures as arch
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.cli import app
+from llamapro_cli.expand import expand
+
+pytestmark = pytest.mark.hf
+TinyModel = Callable[..., Path]
+ZOO = [f for f in tm.FAMILIES if f not in tm.CORE_FAMILIES]
+# Insert points per family (6 layers): each set copies a layer whose kind the index pattern would flip.
+AFTER = {
+    "gemma3_text": [2, 4],  # global at 2, 5 (pattern 3)
+    "gemma3": [2, 4],
+    "cohere2": [1, 3],  # global/NoPE at 3
+    "olmo3": [1, 3],
+    "qwen2_moe": [1, 2, 4],  # MoE 1, 5; sliding 0, 2
+    "qwen3_moe": [1, 3, 4],  # MoE 1, 5; dense 3 (mlp_only_layers)
+    "deepseek_v2": [1, 3],  # dense 0, 1 stay a prefix
+    "deepseek_v3": [1, 3],
+    "llama4_text": [1, 2, 4],  # MoE 1, 3, 5; NoPE 2, 5
+    "qwen3_next": [1, 2, 3],  # full attention 2, 5; MoE 1, 5
+    "lfm2": [1, 2],  # attention 2, 5
+    "bamba": [2, 3],
+    "granitemoehybrid": [2, 3],
+    "nemotron_h": [1, 2, 4],  # moe, attention, mlp
+}
+IDENTITY = [
+    pytest.param(f, v, id=f"{f}-{v}")
+    for f in ZOO
+    for v in tm.FAMILIES[f].variants
+    if (f, v) not in (("gpt2", "inverse_layer_idx"), ("jamba", "default"))
+]
+runner = CliRunner()
+
+
+def _expand(base: Path, out: Path, family: str, **plan: object) -> arch.Family:
+    if not plan:
+        plan = {"after": AFTER.get(family, [1, 4])}
+    report = expand(base, out, **plan)  # type: ignore[arg-type]
+    assert report.num_layers_out > report.num_layers_in
+    return Checkpoint.open(out).family
+
+
+@pytest.mark.parametrize(("family", "variant"), IDENTITY)
+def test_expansion_is_exact(tiny_model: TinyModel, tmp_path: Path, family: str, variant: str) -> None:
+    spec = tm.FAMILIES[family]
+    base = tiny_model(family, variant)
+    _expand(base, tmp_path / "out", family)
+    tm.assert_identical(
+        base, tmp_path / "out", seq_len=spec.seq_len, cached=spec.cached, realign=spec.realign
+    )
+    # The structural signature verify-identity uses: every copy behaves like its source.
+    old = json.loads((base / "config.json").read_text())
+    new = json.loads((tmp_path / "out" / "config.json").read_text())
+    fam = arch.family_for(old)
+    rec = json.loads((tmp_path / "out" / "llamapro.json").read_text())
+    before, after = arch.layer_signature(fam, old), arch.layer_signature(fam, new)
+    assert before is not None and after is not None
+    assert after == [before[layer["source"]] for layer in rec["layers"]]
+
+
+def test_jamba_whole_periods_are_exact(tiny_model: TinyModel, tmp_path: Path) -> None:
+    base = tiny_model("jamba")
+    _expand(base, tmp_path / "out", "jamba", every=2, copies=2)
+    tm.assert_identical(base, tmp_path / "out", cached=False)
+
+
+@pytest.mark.parametrize(("family", "variant"), IDENTITY)
+def test_ported_formulas_match_transformers(tiny_model: TinyModel, family: str, variant: str) -> None:
+    """Our effective per-layer values equal what the config class derives from the same config.json."""
+    raw = json.loads((tiny_model(family, variant) / "config.json").read_text())
+    fam = arch.family_for(raw)
+    cfg = transformers.AutoConfig.from_pretrained(tiny_model(family, variant))
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    sub, n = fam.sub_config(raw), arch.num_layers(fam, raw)
+    assert n is not None
+    for fld in fam.layer_fields:
+        ours = arch.effective_values(fld, sub, n)
+        theirs = getattr(text, fld.key, None)
+        if ours is None or theirs is None or fld.kind is arch.FieldKind.VIRTUAL:
+            continue
+        if fld.kind is arch.FieldKind.INDEX_SET and not fld.derive_always:
+            theirs = [i in set(theirs) for i in range(n)]
+        if fld.kind is arch.FieldKind.LIST:
+            assert list(theirs) == ours, f"{fld.key}: ours {ours}, transformers {list(theirs)}"
+
+
+def _assert_refused(result: object, code: int, words: str, out: Path) -> None:
+    assert result.exit_code == code, result.stderr  # type: ignore[attr-defined]
+    lines = result.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert lines[0].startswith("error: ") and words in lines[0], lines
+    assert all(line.startswith(("error: ", "hint: ")) for line in lines) and len(lines) <= 2, lines
+    assert result.stdout == ""  # type: ignore[attr-defined]
+    assert not out.exists() and not list(out.parent.glob(out.name + "*")), "something was written"
+
+
+def _cli_expand(base: Path, out: Path, *args: str) -> object:
+    return runner.invoke(app, ["expand", "--in", str(base), "--out", str(out), *args])
+
+
+def _config_only(tmp_path: Path, config_class: str, **kw: object) -> Path:
+    folder = tmp_path / config_class
+    folder.mkdir()
+    getattr(transformers, config_class)(**kw).to_json_file(folder / "config.json")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config_class", "words"),
+    [
+        ("ZambaConfig", "refused zamba"),
+        ("Zamba2Config", "refused zamba2"),
+        ("DiffLlamaConfig", "refused diffllama"),
+        ("Gemma3nConfig", "refused gemma3n"),
+    ],
+)
+def test_index_dependent_families_are_refused(tmp_path: Path, config_class: str, words: str) -> None:
+    base = _config_only(tmp_path, config_class)
+    out = tmp_path / "out"
+    _assert_refused(_cli_expand(base, out, "--every", "2"), 3, words, out)
+
+
+def test_gpt2_inverse_layer_idx_is_refused(tiny_model: TinyModel, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _cli_expand(tiny_model("gpt2", "inverse_layer_idx"), out, "--every", "2")
+    _assert_refused(result, 3, "scale_attn_by_inverse_layer_idx", out)
+
+
+def test_jamba_broken_period_is_refused(tiny_model: TinyModel, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _cli_expand(tiny_model("jamba"), out, "--after", "1")
+    _assert_refused(result, 2, "cannot be expressed for jamba", out)
+    assert "--every 2 --copies 2" in result.stderr
+
+
+def test_deepseek_dense_after_moe_is_refused(tiny_model: TinyModel, tmp_path: Path) -> None:
+    # Copies of layers 0-2 stacked after layer 2 (MoE) put dense copies after a MoE layer.
+    out = tmp_path / "out"
+    result = _cli_expand(tiny_model("deepseek_v3"), out, "--add", "3", "--placement", "bottom")
+    _assert_refused(result, 2, "first_k_dense_replace", out)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes"])
+def test_packed_quantization_is_refused(tiny_model: TinyModel, tmp_path: Path, method: str) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("mixtral"), base)
+    _edit_config(base, lambda c: c.update(quantization_config={"quant_method": method, "bits": 4}))
+    out = tmp_path / "out"
+    _assert_refused(_cli_expand(base, out, "--every", "2"), 3, f"refused quantization '{method}'", out)
+
+
+def _edit_config(folder: Path, edit: Callable[[dict[str, object]], object]) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _add_tensors(folder: Path, extra: dict[str, object], drop: tuple[str, ...] = ()) -> None:
+    path = folder / "model.safetensors"
+    state = {k: v for k, v in load_file(path).items() if k not in drop}
+    state.update(extra)  # type: ignore[arg-type]
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_deepseek_mtp_layers_are_renumbered(tiny_model: TinyModel, tmp_path: Path) -> None:
+    import torch
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("deepseek_v3"), base)
+    mtp = {
+        "model.layers.6.eh_proj.weight": torch.randn(64, 128),
+        "model.layers.6.enorm.weight": torch.rand(64),
+    }
+    _add_tensors(base, mtp)
+    _edit_config(base, lambda c: c.update(num_nextn_predict_layers=1))
+    report = expand(base, tmp_path / "out", after=[1, 3])
+    assert any("multi-token-prediction" in w for w in report.warnings)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(got["model.layers.8.eh_proj.weight"], mtp["model.layers.6.eh_proj.weight"])
+    assert "model.layers.6.eh_proj.weight" not in got
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 8
+
+
+def test_fp8_block_scaled_weights_are_zeroed_and_scales_copied(tiny_model: TinyModel, tmp_path: Path) -> None:
+    import torch
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("deepseek_v3"), base)
+    state = load_file(base / "model.safetensors")
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in state.items() if k.endswith("proj.weight")}
+    scales = {k + "_scale_inv": torch.rand(1, 1) + 0.5 for k in fp8}
+    _add_tensors(base, {**fp8, **scales})
+    qc = {
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["model.layers.3.mlp.gate"],
+    }
+    _edit_config(base, lambda c: c.update(quantization_config=qc))
+    expand(base, tmp_path / "out", after=[3])
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got["model.layers.4.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
+    assert not got["model.layers.4.self_attn.o_proj.weight"].float().any()
+    assert torch.equal(
+        got["model.layers.4.self_attn.o_proj.weight_scale_inv"],
+        scales["model.layers.3.self_attn.o_proj.weight_scale_inv"],
+    )
+    new_qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert new_qc["modules_to_not_convert"] == ["model.layers.3.mlp.gate", "model.layers.4.mlp.gate"]
+
+
+def test_mxfp4_blocks_are_zeroed_and_scales_copied(tiny_model: TinyModel, tmp_path: Path) -> None:
+    import torch
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("gpt_oss"), base)
+    blocks = {
+        f"model.layers.{i}.mlp.experts.down_proj_blocks": torch.randint(
+            1, 255, (4, 64, 4, 16), dtype=torch.uint8
+        )
+        for i in range(6)
+    }
+    scales = {
+        f"model.layers.{i}.mlp.experts.down_proj_scales": torch.randint(
+            100, 130, (4, 64, 4), dtype=torch.uint8
+        )
+        for i in range(6)
+    }
+    _add_tensors(
+        base, {**blocks, **scales}, drop=tuple(f"model.layers.{i}.mlp.experts.down_proj" for i in range(6))
+    )
+    _edit_config(
+        base,
+        lambda c: c.update(
+            quantization_config={
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"],
+            }
+        ),
+    )
+    expand(base, tmp_path / "out", after=[1])
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert not got["model.layers.2.mlp.experts.down_proj_blocks"].any()
+    assert not got["model.layers.2.mlp.experts.down_proj_bias"].any()
+    assert torch.equal(
+        got["model.layers.2.mlp.experts.down_proj_scales"],
+        scales["model.layers.1.mlp.experts.down_proj_scales"],
+    )
+    assert torch.equal(
+        got["model.layers.3.mlp.experts.down_proj_blocks"],
+        blocks["model.layers.2.mlp.experts.down_proj_blocks"],
+    )
+
+
+def test_pattern_warnings_in_dry_run_and_inspect(tiny_model: TinyModel, tmp_path: Path) -> None:
+    base = tiny_model("gemma2", "legacy")
+    keep = _cli_expand(base, tmp_path / "keep", "--every", "2", "--copies", "2", "--dry-run")
+    assert keep.exit_code == 0 and "periodic" not in keep.stderr
+    broken = _cli_expand(base, tmp_path / "out", "--after", "1,4")
+    assert broken.exit_code == 0
+    assert "layer_types: layers 2, 3, 4, 5 break gemma2's periodic layer pattern" in broken.stderr
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "out")])
+    assert shown.exit_code == 0 and "break gemma2's periodic layer pattern" in shown.stderr
+    assert "periodic" not in runner.invoke(app, ["inspect", str(base)]).stderr
+
+
+def test_inspect_shows_layer_kinds(tiny_model: TinyModel) -> None:
+    report = runner.invoke(app, ["inspect", "--json", str(tiny_model("llama4_text"))])
+    kinds = json.loads(report.stdout)["layer_kinds"]
+    assert kinds[1] == "rope moe chunked_attention" and kinds[2] == "nope dense full_attention"
+
+
+def test_architectures_doc_is_current() -> None:
+    doc = Path(__file__).parent.parent / "docs" / "architectures.md"
+    assert doc.read_text() == arch.support_matrix_markdown(), "regenerate: python scripts/gen_docs.py"

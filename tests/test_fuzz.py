@@ -1,0 +1,386 @@
+"""Fuzzing the folder-level reader: mutated shard headers, shard indexes, config.json and llamapro.json of
+a whole checkpoint folder, fed to `Checkpoint.open`, `describe_checkpoint`, the `inspect` renderers and a
+dry-run `expand` (plan and config rewrite).
+
+The only allowed outcomes are a report or our own `LlamaproError`: no other exception, no allocation
+beyond a cap (RLIMIT_AS lowered around each example, so a huge allocation is a MemoryError that fails
+the test), no hang (a per-example timer). Example counts are fixed and derandomized in CI; set
+`LLAMAPRO_FUZZ_EXAMPLES` for a longer, random campaign (`make fuzz` runs 20000 per test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llamapro_cli import output
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.describe import describe_checkpoint
+from llamapro_cli.errors import LlamaproError
+from llamapro_cli.expand import expand
+
+CAMPAIGN = os.environ.get("LLAMAPRO_FUZZ_EXAMPLES")
+EXAMPLES = int(CAMPAIGN or 100)
+TIME_LIMIT_S = 10.0  # per example; a valid tiny folder takes about a millisecond
+MEMORY_HEADROOM = 1 << 30  # bytes of address space an example may add
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,  # the per-example timer below interrupts a hang; hypothesis's deadline cannot
+    derandomize=CAMPAIGN is None,  # CI: the same examples every run
+    database=None if CAMPAIGN is None else settings.default.database,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+INDEX = "model.safetensors.index.json"
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4,
+    "intermediate_size": 8,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 8,
+    "tie_word_embeddings": False,
+}
+QWEN2 = {
+    **LLAMA,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "use_sliding_window": True,
+    "sliding_window": 4,
+    "max_window_layers": 1,
+    "layer_types": ["full_attention", "sliding_attention"],
+}
+PROVENANCE = {
+    "schema_version": 1,
+    "tool": "llamapro 0.1.0",
+    "source": {"path": "/base", "repo_id": None, "revision": None, "num_layers": 1},
+    "plan": {"kind": "every", "every": 1, "copies": 1, "placement": "interleave"},
+    "layer_prefix": "model.layers.",
+    "num_layers": 2,
+    "layers": [{"index": 0, "source": 0, "identity": False}, {"index": 1, "source": 0, "identity": True}],
+    "zeroed": ["model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"],
+    "digests": None,
+    "parent": None,
+}
+
+
+def _tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shapes = {
+        "input_layernorm.weight": (4,),
+        "self_attn.q_proj.weight": (4, 4),
+        "self_attn.k_proj.weight": (2, 4),
+        "self_attn.v_proj.weight": (2, 4),
+        "self_attn.o_proj.weight": (4, 4),
+        "post_attention_layernorm.weight": (4,),
+        "mlp.gate_proj.weight": (8, 4),
+        "mlp.up_proj.weight": (8, 4),
+        "mlp.down_proj.weight": (4, 8),
+    }
+    out = {"model.embed_tokens.weight": rng.normal(size=(8, 4)).astype(np.float32)}
+    for layer in range(2):
+        for rel, shape in shapes.items():
+            out[f"model.layers.{layer}.{rel}"] = rng.normal(size=shape).astype(np.float32)
+    out["model.norm.weight"] = np.ones(4, np.float16)
+    out["lm_head.weight"] = rng.normal(size=(8, 4)).astype(np.float32)
+    return out
+
+
+def _base_files() -> dict[str, bytes]:
+    """A valid two-shard folder as {file name: bytes}; layer 0 in the first shard, the rest in the second."""
+    tensors = _tensors()
+    names = list(tensors)
+    split = {SHARDS[0]: names[:10], SHARDS[1]: names[10:]}
+    files = {
+        shard: safetensors.numpy.save({n: tensors[n] for n in keys}, metadata={"format": "pt"})
+        for shard, keys in split.items()
+    }
+    index = {"metadata": {"total_size": 0}, "weight_map": {n: s for s, keys in split.items() for n in keys}}
+    files[INDEX] = json.dumps(index).encode()
+    files["config.json"] = json.dumps(LLAMA).encode()
+    return files
+
+
+BASE = _base_files()
+
+
+# --- strategies -----------------------------------------------------------------------------------------
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["BF16", "F32", "F4", "llama", "qwen2", "gptq", "fp8", "../x", "/etc/passwd", ""])
+)
+json_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+shard_names = st.sampled_from(
+    [
+        *SHARDS,
+        "../" + SHARDS[0],
+        "/etc/passwd",
+        "",
+        ".",
+        "..",
+        "sub/x.safetensors",
+        "a\\b",
+        "missing.safetensors",
+    ]
+) | st.text(max_size=12)
+
+
+def _split_shard(data: bytes) -> tuple[dict[str, Any], bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _join_shard(header: Any, body: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+@st.composite
+def header_mutation(draw: st.DrawFn, data: bytes) -> bytes:
+    """A shard's bytes with its header mutated: a field, an entry, the length prefix, or raw bytes."""
+    header, body = _split_shard(data)
+    names = [k for k in header if k != "__metadata__"]
+    kind = draw(st.sampled_from(["field", "entry", "metadata", "prefix", "flip", "cut", "append", "json"]))
+    if kind == "field":
+        entry = header[draw(st.sampled_from(names))]
+        key = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        near = st.lists(st.integers(min_value=-2, max_value=len(body) + 2), max_size=3)
+        entry[key] = draw(
+            json_values | near | st.lists(st.integers(min_value=0, max_value=2**64), max_size=6)
+        )
+    elif kind == "entry":
+        action = draw(st.sampled_from(["delete", "add", "extra_key"]))
+        if action == "delete":
+            del header[draw(st.sampled_from(names))]
+        elif action == "add":
+            header[draw(st.text(max_size=10) | st.sampled_from(names))] = draw(json_values)
+        else:
+            header[draw(st.sampled_from(names))][draw(st.text(max_size=6))] = draw(json_values)
+    elif kind == "metadata":
+        header["__metadata__"] = draw(json_values)
+    elif kind == "json":
+        header = draw(json_values)
+    if kind == "prefix":
+        prefix = draw(st.integers(min_value=0, max_value=2**64 - 1) | st.integers(0, len(data)))
+        return struct.pack("<Q", prefix) + data[8:]
+    joined = _join_shard(header, body)
+    if kind == "flip":
+        at = draw(st.integers(min_value=0, max_value=len(joined) - 1))
+        return joined[:at] + bytes([draw(st.integers(0, 255))]) + joined[at + 1 :]
+    if kind == "cut":
+        return joined[: draw(st.integers(min_value=0, max_value=len(joined)))]
+    if kind == "append":
+        return joined + draw(st.binary(min_size=1, max_size=64))
+    return joined
+
+
+@st.composite
+def index_mutation(draw: st.DrawFn, data: bytes) -> bytes:
+    index = json.loads(data)
+    weight_map = index["weight_map"]
+    kind = draw(st.sampled_from(["shard", "delete", "add", "weight_map", "metadata", "whole", "bytes"]))
+    if kind == "shard":
+        weight_map[draw(st.sampled_from(list(weight_map)))] = draw(shard_names)
+    elif kind == "delete":
+        del weight_map[draw(st.sampled_from(list(weight_map)))]
+    elif kind == "add":
+        weight_map[draw(st.text(max_size=20))] = draw(shard_names | json_values)
+    elif kind == "weight_map":
+        index["weight_map"] = draw(json_values)
+    elif kind == "metadata":
+        index["metadata"] = draw(json_values)
+    elif kind == "whole":
+        index = draw(json_values)
+    else:
+        return draw(st.binary(max_size=64))
+    return json.dumps(index).encode()
+
+
+CONFIG_KEYS = [
+    "num_hidden_layers",
+    "model_type",
+    "architectures",
+    "quantization_config",
+    "layer_types",
+    "max_window_layers",
+    "use_sliding_window",
+    "sliding_window",
+    "hidden_size",
+    "tie_word_embeddings",
+    "text_config",
+    "mlp_layer_types",
+]
+
+
+@st.composite
+def config_mutation(draw: st.DrawFn) -> bytes:
+    config = dict(draw(st.sampled_from([LLAMA, QWEN2])))
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        key = draw(st.sampled_from(CONFIG_KEYS) | st.text(max_size=8))
+        if draw(st.booleans()):
+            config.pop(key, None)
+        else:
+            plausible = st.integers(min_value=-1, max_value=4) | st.sampled_from([10**18, 2**63, 1.5, True])
+            config[key] = draw(json_values | plausible)
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.sampled_from([b"", b"[" * 100_000, b"{", b"\xff\xfe", b"1" * 5000]))
+    return json.dumps(config).encode()
+
+
+@st.composite
+def provenance_mutation(draw: st.DrawFn) -> bytes:
+    record: Any = json.loads(json.dumps(PROVENANCE))
+    target = draw(st.sampled_from(["record", "source", "layer", "parent", "whole"]))
+    key = draw(
+        st.sampled_from(["layers", "source", "plan", "digests", "parent", "schema_version", "num_layers"])
+    )
+    value = draw(json_values)
+    if target == "record":
+        record[key] = value
+    elif target == "source":
+        record["source"][draw(st.sampled_from(["num_layers", "path", "repo_id"]))] = value
+    elif target == "layer":
+        record["layers"][draw(st.integers(0, 1))][draw(st.sampled_from(["index", "source", "identity"]))] = (
+            value
+        )
+    elif target == "parent":
+        record["parent"] = {**json.loads(json.dumps(PROVENANCE)), key: value}
+    else:
+        record = value
+    return json.dumps(record).encode()
+
+
+# --- harness --------------------------------------------------------------------------------------------
+
+
+class Hang(Exception):
+    """Raised by the per-example timer (deliberately not a LlamaproError)."""
+
+
+@contextlib.contextmanager
+def bounded() -> Iterator[None]:
+    """Cap the address space and the wall time of one example."""
+    vm = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise Hang(f"an example ran longer than {TIME_LIMIT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + MEMORY_HEADROOM, hard))
+    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        signal.signal(signal.SIGALRM, previous)
+
+
+def read_folder(files: dict[str, bytes]) -> str:
+    """Write the folder, open and describe it, render the report; our error's text, or 'ok'."""
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-"))
+    try:
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        with bounded():
+            try:
+                ckpt = Checkpoint.open(root)
+                report = describe_checkpoint(ckpt)
+                json.dumps(output.to_jsonable(report), default=output._default)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    output.render_inspect(report)
+                # The plan and the config rewrite see the same config: a dry run writes nothing.
+                expand(ckpt, root.with_name(root.name + "-out"), every=1, dry_run=True)
+            except LlamaproError as e:
+                assert e.message and "\n" not in e.message
+                return e.message
+        return "ok"
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("valid", [LLAMA, QWEN2])
+def test_base_folder_is_valid(valid: dict[str, Any]) -> None:
+    # The mutations start from a folder that opens: otherwise every example would stop at the first check.
+    assert read_folder({**BASE, "config.json": json.dumps(valid).encode()}) == "ok"
+    assert read_folder({**BASE, "llamapro.json": json.dumps(PROVENANCE).encode()}) == "ok"
+
+
+@FUZZ
+@given(which=st.sampled_from(SHARDS), data=st.data())
+def test_mutated_shard_headers(which: str, data: st.DataObject) -> None:
+    read_folder({**BASE, which: data.draw(header_mutation(BASE[which]))})
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_index(data: st.DataObject) -> None:
+    read_folder({**BASE, INDEX: data.draw(index_mutation(BASE[INDEX]))})
+
+
+@FUZZ
+@given(config=config_mutation())
+def test_mutated_config(config: bytes) -> None:
+    read_folder({**BASE, "config.json": config})
+
+
+@FUZZ
+@given(record=provenance_mutation())
+def test_mutated_provenance(record: bytes) -> None:
+    read_folder({**BASE, "llamapro.json": record})
+
+
+@FUZZ
+@given(
+    data=st.data(),
+    mutate=st.lists(st.sampled_from(["shard0", "shard1", "index", "config", "record"]), min_size=2),
+)
+def test_mutated_everything(data: st.DataObject, mutate: list[str]) -> None:
+    files = dict(BASE)
+    draws: dict[str, Callable[[], bytes]] = {
+        "shard0": lambda: data.draw(header_mutation(BASE[SHARDS[0]])),
+        "shard1": lambda: data.draw(header_mutation(BASE[SHARDS[1]])),
+        "index": lambda: data.draw(index_mutation(BASE[INDEX])),
+        "config": lambda: data.draw(config_mutation()),
+        "record": lambda: data.draw(provenance_mutation()),
+    }
+    target = {"shard0": SHARDS[0], "shard1": SHARDS[1], "index": INDEX, "config": "config.json"}
+    for what in mutate:
+        files[target.get(what, "llamapro.json")] = draws[what]()
+    read_folder(files)
+
+
+@FUZZ
+@given(name=st.sampled_from([SHARDS[0], INDEX, "config.json", "llamapro.json"]), junk=st.binary(max_size=256))
+def test_random_bytes(name: str, junk: bytes) -> None:
+    read_folder({**BASE, name: junk})

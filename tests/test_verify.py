@@ -1,0 +1,569 @@
+"""`llamapro verify-identity`: exit 0 on true expansions (both engines, every family and variant), exit 1
+naming the layer on every kind of wrong expansion, exit 3 when it cannot check, and the JSON contract.
+
+Checkpoints are expanded once per session with the real `expand`; a test that breaks one works on a
+copy. Tests that need transformers (the tiny models, the transformers engine) are marked `hf`; the
+demo checkpoint (torch + safetensors only) with the native engine covers the rest without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# MKL rounds by memory alignment unless told not to, and reads the mode at its first matrix product;
+# verify-identity sets it too, but in a test process the first product may come from another test.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from llamapro_cli import structural, tokens
+from llamapro_cli.cli import app
+from llamapro_cli.demo import write_demo_checkpoint
+from llamapro_cli.expand import expand
+from llamapro_cli.verify import verify_identity
+
+AFTER = (1, 3)  # copies right after layers 1 and 3: breaks qwen's sliding threshold at 3
+WINDOW = 4  # tiny_models.WINDOW
+# The core families' tiny_models variants (every one the native engine supports), spelled out so this
+# module imports without transformers; checked against tiny_models below.
+VARIANTS = [
+    ("llama", "default"),
+    ("llama", "tied"),
+    ("llama", "bias"),
+    ("llama", "sharded"),
+    ("mistral", "default"),
+    ("qwen2", "default"),
+    ("qwen2", "sliding"),
+    ("qwen2", "sliding_legacy"),
+    ("qwen3", "default"),
+    ("qwen3", "sliding"),
+    ("qwen3", "sliding_legacy"),
+    ("internlm3", "default"),
+    ("internlm3", "qkv_bias"),
+]
+REPORT_KEYS = {
+    "schema_version", "verdict", "reason", "expanded", "base", "architecture", "num_layers_in",
+    "num_layers_out", "new_layers", "mapping", "structural", "engine", "device", "dtype", "input", "seed",
+    "tokens", "prefill", "decode_steps", "atol", "full_max_abs", "cached_max_abs", "greedy_tokens_equal",
+    "first_divergence_layer", "first_divergence_position", "divergence", "peak_bytes_loaded", "warnings",
+    "seconds", "peak_rss_bytes", "peak_gpu_bytes",
+}  # fmt: skip
+STRUCTURAL_KEYS = {"ok", "mismatch", "layer", "tensor", "tensors_checked", "bytes_compared", "seconds"}
+INFERRED = "inferred from zero branch-final tensors"
+
+
+def cli(*args: str | Path) -> Any:
+    return CliRunner().invoke(app, ["verify-identity", *map(str, args)])
+
+
+def as_json(result: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+# --- fixtures: each checkpoint built and expanded once per session -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def expanded_tiny(
+    tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., tuple[Path, Path]]:
+    """(base, expanded) for a tiny family/variant, expanded with --after 1,3. Read-only."""
+    cache: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def make(family: str, variant: str = "default") -> tuple[Path, Path]:
+        if (family, variant) not in cache:
+            base = tiny_model(family, variant)
+            out = tmp_path_factory.mktemp(f"exp-{family}-{variant}") / "expanded"
+            expand(base, out, after=AFTER)
+            cache[family, variant] = (base, out)
+        return cache[family, variant]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The `make demo` pair: `llamapro demo-checkpoint` (bf16) and `expand --every 4` of it. Read-only."""
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_checkpoint(root / "demo", layers=8)
+    expand(root / "demo", root / "demo-exp", every=4)
+    return root / "demo", root / "demo-exp"
+
+
+def copy_of(src: Path, tmp_path: Path, name: str = "copy") -> Path:
+    dest = tmp_path / name
+    shutil.copytree(src, dest)
+    return dest
+
+
+def edit_tensor(folder: Path, name: str, change: Callable[[Any], Any]) -> None:
+    """Rewrite one tensor in place with the safetensors library (as another tool would)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    index = folder / "model.safetensors.index.json"
+    shard = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
+    with safe_open(str(folder / shard), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(folder / shard))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(folder / shard), metadata=metadata)
+
+
+def without_provenance(expanded: Path, tmp_path: Path) -> Path:
+    """Another tool's output: no llamapro.json, the zeroed tensors written as -0.0 (as mergekit does)."""
+    import torch
+
+    record = json.loads((expanded / "llamapro.json").read_text())
+    copy = copy_of(expanded, tmp_path, "no-provenance")
+    (copy / "llamapro.json").unlink()
+    for name in record["zeroed"]:
+        edit_tensor(copy, name, lambda t: torch.full_like(t, -0.0))
+    return copy
+
+
+# --- true expansions ----------------------------------------------------------------------------------
+
+
+@pytest.mark.hf
+def test_variant_list_matches_the_oracle() -> None:
+    import tiny_models
+
+    from llamapro_cli.reference import SUPPORTED_FAMILIES
+
+    assert set(VARIANTS) <= set(tiny_models.all_variants())
+    core = {"internlm3": "llama"}
+    assert {core.get(family, family) for family, _ in VARIANTS} == SUPPORTED_FAMILIES
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("engine", ["transformers", "native"])
+@pytest.mark.parametrize(("family", "variant"), VARIANTS)
+def test_true_expansion_is_identical(
+    expanded_tiny: Callable[..., tuple[Path, Path]], family: str, variant: str, engine: str
+) -> None:
+    _, out = expanded_tiny(family, variant)
+    result = cli("--out", out, "--engine", engine, "--json")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    assert result.stderr == ""
+    doc = as_json(result)
+    assert doc["verdict"] == "identical" and doc["reason"] is None
+    assert doc["structural"]["ok"] and doc["structural"]["tensors_checked"] > 0
+    assert (doc["full_max_abs"], doc["cached_max_abs"], doc["greedy_tokens_equal"]) == (0.0, 0.0, True)
+    assert doc["engine"] == engine and doc["dtype"] == "float32" and doc["device"] == "cpu"
+    assert doc["mapping"] == "llamapro.json" and doc["new_layers"] == [2, 5]
+    assert doc["tokens"] == doc["prefill"] + doc["decode_steps"] and doc["decode_steps"] == 8
+    if variant.startswith("sliding") or family == "mistral":
+        assert doc["prefill"] > WINDOW  # every active window is exceeded by the prefill alone
+
+
+def test_demo_expansion_in_bf16_verifies(demo: tuple[Path, Path]) -> None:
+    """What `make demo` runs last (the native engine here, so it needs no transformers)."""
+    _, out = demo
+    result = cli("--out", out, "--engine", "native")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "verdict: IDENTICAL"
+    assert "native on cpu, bfloat16" in result.stdout
+    assert "full 0, cached 0 (exact comparison)" in result.stdout
+
+
+@pytest.mark.hf
+def test_demo_expansion_default_engine(demo: tuple[Path, Path]) -> None:
+    result = cli("--out", demo[1], "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = as_json(result)
+    assert (doc["engine"], doc["dtype"], doc["verdict"]) == ("transformers", "bfloat16", "identical")
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize(
+    ("family", "variant"), [("gemma3", "default"), ("qwen2_moe", "legacy"), ("gpt_oss", "default")]
+)
+def test_other_families_with_transformers(
+    expanded_tiny: Callable[..., tuple[Path, Path]], family: str, variant: str
+) -> None:
+    """Beyond the native engine's families: multimodal text_config (gemma3), MoE experts and their
+    biases (qwen2_moe, gpt-oss); the structural check works from the family records alone."""
+    import tiny_models
+
+    if (family, variant) not in tiny_models.all_variants():
+        pytest.skip(f"tiny_models has no {family}/{variant}")
+    _, out = expanded_tiny(family, variant)
+    report = verify_identity(out)
+    assert (report.verdict, report.engine, report.full_max_abs, report.cached_max_abs) == (
+        "identical", "transformers", 0.0, 0.0,
+    )  # fmt: skip
+    result = cli("--out", out, "--engine", "native")
+    assert result.exit_code == 3 and f"the native engine does not support {family}" in result.stderr
+
+
+@pytest.mark.hf
+def test_forgotten_expert_bias_is_named(
+    expanded_tiny: Callable[..., tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """gpt-oss adds a per-expert bias after the down projection: a copy must zero it too."""
+    import tiny_models
+
+    if ("gpt_oss", "default") not in tiny_models.all_variants():
+        pytest.skip("tiny_models has no gpt_oss")
+    _, out = expanded_tiny("gpt_oss")
+    bad = copy_of(out, tmp_path)
+    name = "model.layers.5.mlp.experts.down_proj_bias"
+    edit_tensor(bad, name, lambda t: t.clone().fill_(0.25))
+    result = cli("--out", bad)
+    assert result.exit_code == 1
+    assert f"layer 5 is an identity copy of base layer 3, but its {name} is not all zero" in result.stderr
+    numeric = verify_identity(bad, structural=False)
+    assert numeric.verdict == "different" and numeric.first_divergence_position == 0
+
+
+# --- wrong expansions: exit 1, the layer named --------------------------------------------------------
+
+
+def test_nonzero_copy_is_named(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    bad = copy_of(demo[1], tmp_path)
+    name = "model.layers.4.self_attn.o_proj.weight"  # layer 4 is the copy of base layer 3
+    edit_tensor(bad, name, lambda t: t.clone().fill_(1e-3))
+    result = cli("--out", bad)
+    assert result.exit_code == 1
+    assert result.stdout.startswith(
+        f"verdict: DIFFERENT: layer 4 is an identity copy of base layer 3, but its {name}"
+    )
+    assert result.stderr.startswith(
+        f"error: not identical: layer 4 is an identity copy of base layer 3, but its {name}"
+    )
+    assert "hint: " in result.stderr
+    # The numerical check alone finds it too, in the same layer.
+    report = verify_identity(bad, engine="native", structural=False)
+    assert report.verdict == "different" and report.structural is None
+    assert report.first_divergence_layer == 4 and "inserted layer 4" in (report.reason or "")
+    assert report.full_max_abs is not None and report.full_max_abs > 0
+
+
+def test_altered_original_is_named(
+    demo: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    bad = copy_of(demo[1], tmp_path)
+    name = "model.layers.5.mlp.up_proj.weight"  # original layer 4, now at 5
+    last = (-1, -1)
+
+    def nudge(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[last] = t[last] * 2 + 0.5  # the very last element: only a chunked compare that reaches it sees it
+        return t
+
+    edit_tensor(bad, name, nudge)
+    monkeypatch.setattr(structural, "CHUNK", 4096 + 6)  # many chunks, the last one short
+    report = verify_identity(bad, numerical=False)
+    assert report.verdict == "different" and report.engine is None
+    assert report.structural is not None and (report.structural.layer, report.structural.tensor) == (5, name)
+    assert (
+        report.reason
+        == f"layer 5 (base layer 4): {name} differs from model.layers.4.mlp.up_proj.weight in the base"
+    )
+    monkeypatch.undo()
+    result = cli("--out", bad, "--json")
+    assert result.exit_code == 1 and as_json(result)["structural"]["layer"] == 5
+    numeric = verify_identity(bad, engine="native", structural=False)
+    assert numeric.first_divergence_layer == 5 and "original layer 5" in (numeric.divergence or "")
+
+
+def test_dtype_cast_is_named(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    import torch
+
+    bad = copy_of(demo[1], tmp_path)
+    edit_tensor(bad, "model.embed_tokens.weight", lambda t: t.to(torch.float16))
+    result = cli("--out", bad)
+    assert result.exit_code == 1
+    assert (
+        "model.embed_tokens.weight is F16[1024, 256] but model.embed_tokens.weight in the base is BF16"
+        in (result.stderr)
+    )
+
+
+@pytest.mark.hf
+def test_flipped_layer_type_is_named(expanded_tiny: Callable[..., tuple[Path, Path]], tmp_path: Path) -> None:
+    """One Qwen2 `layer_types` entry wrong: same weights, but attention past the window changes."""
+    _, out = expanded_tiny("qwen2", "sliding")
+    bad = copy_of(out, tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    assert config["layer_types"][7] == "sliding_attention"  # base layer 5
+    config["layer_types"][7] = "full_attention"
+    (bad / "config.json").write_text(json.dumps(config, indent=2))
+    result = cli("--out", bad)
+    assert result.exit_code == 1
+    assert (
+        "config.json: layer_types gives layer 7 'full_attention', but its source (base layer 5) has "
+        "'sliding_attention'" in result.stdout
+    )
+    for engine in ("transformers", "native"):
+        report = verify_identity(bad, engine=engine, structural=False)
+        assert report.verdict == "different", engine
+        assert report.cached_max_abs is not None and report.cached_max_abs > 0
+        # Positions the window does not cut agree: only masked positions differ.
+        assert report.first_divergence_position is not None and report.first_divergence_position >= WINDOW
+    assert verify_identity(bad, engine="native", structural=False).first_divergence_layer == 7
+
+
+@pytest.mark.hf
+def test_flipped_type_of_a_copy_is_structural_only(
+    expanded_tiny: Callable[..., tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """A copy's outputs are zero whatever its mask, so only the structural check can see its config is
+    wrong; it still matters, because the copy trains with that mask."""
+    _, out = expanded_tiny("qwen2", "sliding")
+    bad = copy_of(out, tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    config["layer_types"][5] = "full_attention"  # the copy of base layer 3 (sliding)
+    (bad / "config.json").write_text(json.dumps(config, indent=2))
+    assert verify_identity(bad, numerical=False).verdict == "different"
+    assert verify_identity(bad, engine="transformers", structural=False).verdict == "identical"
+
+
+@pytest.mark.hf
+def test_missing_key_in_the_expanded_model_is_named(
+    expanded_tiny: Callable[..., tuple[Path, Path]], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, out = expanded_tiny("llama", "default")
+    bad = copy_of(out, tmp_path)
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.layers.4.post_attention_layernorm.weight"]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert verify_identity(bad, numerical=False).structural.tensor == (  # type: ignore[union-attr]
+        "model.layers.4.post_attention_layernorm.weight"
+    )
+    report = verify_identity(bad, engine="transformers", structural=False)
+    assert report.verdict == "different"
+    assert (
+        report.reason
+        == "loading the expanded checkpoint: missing key model.layers.4.post_attention_layernorm.weight"
+    )
+
+
+# --- provenance and mapping ---------------------------------------------------------------------------
+
+
+def test_other_tools_output_is_mapped_and_verified(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    base, out = demo
+    other = without_provenance(out, tmp_path)
+    result = cli("--out", other)
+    assert result.exit_code == 3
+    assert (
+        result.stderr.splitlines()[0]
+        == f"error: {other}: no llamapro.json, so the base checkpoint is unknown"
+    )
+    assert "--in" in result.stderr.splitlines()[1]
+    result = cli("--in", base, "--out", other, "--engine", "native", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = as_json(result)
+    assert doc["mapping"] == INFERRED and doc["new_layers"] == [4, 9] and doc["verdict"] == "identical"
+    assert f"layer mapping {INFERRED} (new<-source: 4<-3, 9<-7)" in result.stderr
+
+
+@pytest.mark.hf
+def test_other_tools_output_with_transformers(
+    expanded_tiny: Callable[..., tuple[Path, Path]], tmp_path: Path
+) -> None:
+    base, out = expanded_tiny("qwen3", "sliding")
+    other = without_provenance(out, tmp_path)
+    report = verify_identity(other, base=base, engine="transformers")
+    assert (report.verdict, report.mapping, report.new_layers) == ("identical", INFERRED, (2, 5))
+
+
+@pytest.mark.hf
+def test_count_only_config_edit_is_caught(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    """What LLaMA-Factory's and mergekit's expansions do to a legacy Qwen2 config (only the layer count
+    edited): transformers re-derives the sliding layers on the new indices and loads without a word."""
+    import tiny_models
+
+    base = tiny_model("qwen2", "sliding_legacy")
+    naive = tiny_models.reference_expand(base, tmp_path / "naive", [1, 3], tiny_models.zero_residual_writers)
+    result = cli("--in", base, "--out", naive)
+    assert result.exit_code == 1
+    assert (
+        "config.json: layer_types gives layer 3 'sliding_attention', but its source (base layer 2) has "
+        in (result.stderr)
+    )
+    numeric = verify_identity(naive, base=base, structural=False)
+    assert numeric.verdict == "different" and numeric.full_max_abs is not None and numeric.full_max_abs > 0
+    fixed = tiny_models.reference_expand(
+        base,
+        tmp_path / "fixed",
+        [1, 3],
+        tiny_models.zero_residual_writers,
+        tiny_models.reference_config_edit([1, 3]),
+    )
+    assert verify_identity(fixed, base=base).verdict == "identical"
+
+
+def test_no_consistent_mapping_exits_3(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    _, out = demo
+    other = without_provenance(out, tmp_path)
+    result = cli("--in", out, "--out", other)  # a 10-layer "base" for 8 originals + 2 copies
+    assert result.exit_code == 3
+    assert "no consistent mapping" in result.stderr and result.stderr.startswith("error: ")
+    assert result.stdout == ""
+
+
+def test_wrong_base_exits_3(demo: tuple[Path, Path]) -> None:
+    result = cli("--in", demo[1], "--out", demo[1])  # a 10-layer base for an expansion of 8 layers
+    assert result.exit_code == 3
+    assert "is a 10-layer llama model, but" in result.stderr and "expanded from a 8-layer llama model" in (
+        result.stderr
+    )
+
+
+def test_recorded_base_gone_exits_3(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    moved = copy_of(demo[1], tmp_path)
+    record = json.loads((moved / "llamapro.json").read_text())
+    record["source"]["path"] = str(tmp_path / "deleted")
+    (moved / "llamapro.json").write_text(json.dumps(record))
+    result = cli("--out", moved)
+    assert result.exit_code == 3
+    assert (
+        "does not exist any more" in result.stderr
+        and "hint: pass the base checkpoint with --in" in result.stderr
+    )
+    assert cli("--in", demo[0], "--out", moved, "--engine", "native").exit_code == 0
+
+
+# --- options, inputs and the JSON contract ------------------------------------------------------------
+
+
+def test_json_schema(demo: tuple[Path, Path]) -> None:
+    result = cli(
+        "--out", demo[1], "--engine", "native", "--tokens", "20", "--seed", "3", "--atol", "0.5", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    doc = as_json(result)
+    assert set(doc) == REPORT_KEYS and doc["schema_version"] == 1
+    assert set(doc["structural"]) == STRUCTURAL_KEYS
+    assert (doc["tokens"], doc["prefill"], doc["decode_steps"], doc["seed"], doc["atol"]) == (
+        20,
+        12,
+        8,
+        3,
+        0.5,
+    )
+    assert (doc["input"], doc["architecture"], doc["num_layers_in"], doc["num_layers_out"]) == (
+        "random token ids", "llama", 8, 10,
+    )  # fmt: skip
+    assert (
+        0 < doc["peak_bytes_loaded"] < 2_000_000
+        and doc["peak_rss_bytes"] > 0
+        and doc["peak_gpu_bytes"] is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tokens", "20", "--prompt", "hi"], "--tokens and --prompt exclude each other"),
+        (["--atol", "-1"], "--atol must be zero or positive"),
+        (["--engine", "bogus"], "--engine 'bogus' is not one of auto, transformers, native"),
+        (["--dtype", "int8"], "--dtype 'int8' is not one of auto, float32, bfloat16, float16"),
+        (["--tokens", "8"], "--tokens 8 leaves nothing to prefill"),
+    ],
+)
+def test_usage_errors_exit_2(demo: tuple[Path, Path], args: list[str], message: str) -> None:
+    result = cli("--out", demo[1], *args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {message}") and result.stdout == ""
+
+
+def test_without_transformers(demo: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a)
+    )
+    assert verify_identity(demo[1], tokens=12).engine == "native"  # auto falls back
+    result = cli("--out", demo[1], "--engine", "transformers")
+    assert result.exit_code == 3
+    assert result.stderr == (
+        "error: --engine transformers needs the transformers package\n"
+        "hint: pip install 'llamapro-cli[hf]', or use --engine native\n"
+    )
+
+
+def test_cuda_missing_exits_3(demo: tuple[Path, Path]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    result = cli("--out", demo[1], "--device", "cuda")
+    assert result.exit_code == 3 and "no CUDA device" in result.stderr and result.stdout == ""
+
+
+def test_prompt_without_tokenizer_exits_3(demo: tuple[Path, Path]) -> None:
+    result = cli("--out", demo[1], "--prompt", "def fib(n):")
+    assert result.exit_code == 3
+    assert "no tokenizer files" in result.stderr and "hint: use --tokens N" in result.stderr
+
+
+@pytest.mark.hf
+def test_prompt_through_the_tokenizer(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = copy_of(tiny_model("llama", "default"), tmp_path, "base")
+    vocab = {"[UNK]": 0, **{chr(ord("a") + i): i + 1 for i in range(26)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(base)
+    expand(base, tmp_path / "exp", every=3)  # the tokenizer is carried over
+    result = cli("--out", tmp_path / "exp", "--prompt", " ".join("thequickbrownfox"), "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = as_json(result)
+    assert (doc["input"], doc["tokens"], doc["prefill"], doc["seed"]) == ("prompt", 16, 8, None)
+
+
+@pytest.mark.hf
+def test_tokens_are_capped_with_a_warning(
+    expanded_tiny: Callable[..., tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, out = expanded_tiny("mistral")
+    result = cli("--out", out, "--tokens", "100000", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert as_json(result)["tokens"] == 248  # max_position_embeddings 256, minus 8 greedy tokens
+    assert "warning: sequence capped at 248 tokens (asked for 100000): max_position_embeddings is 256" in (
+        result.stderr
+    )
+    monkeypatch.setattr(tokens, "CPU_PARAM_TOKENS", 1.0)  # as if the model were huge
+    report = verify_identity(out, engine="native")
+    assert report.tokens == 9 and report.verdict == "identical"
+    assert any("too slow on CPU" in w for w in report.warnings)
+    assert any("does not exceed the sliding window (4 tokens)" in w for w in report.warnings)
+
+
+@pytest.mark.hf
+def test_switched_off_window_is_not_active(expanded_tiny: Callable[..., tuple[Path, Path]]) -> None:
+    from llamapro_cli.checkpoint import Checkpoint
+
+    assert tokens.active_window(Checkpoint.open(expanded_tiny("qwen2", "default")[1])) == 0
+    assert tokens.active_window(Checkpoint.open(expanded_tiny("qwen2", "sliding_legacy")[1])) == WINDOW
+    assert tokens.active_window(Checkpoint.open(expanded_tiny("mistral")[1])) == WINDOW
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["transformers", "native"])
+def test_cuda(demo: tuple[Path, Path], engine: str) -> None:
+    if engine == "transformers":
+        pytest.importorskip("transformers")
+    result = cli("--out", demo[1], "--device", "cuda", "--engine", engine, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = as_json(result)
+    assert doc["device"] == "cuda" and doc["peak_gpu_bytes"] > 0 and doc["verdict"] == "identical"
