@@ -488,23 +488,6 @@ def verify_identity(
         )
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum)
-
-
-def main() -> None:
-    """Console-script entry point: explicit SIGINT/SIGTERM handling (130/143, never 'Aborted!')."""
-    signal.signal(signal.SIGINT, _raise_interrupted)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        app()
-    except Interrupted as e:
-        from . import output
-
-        output.error(e.message)
-        sys.exit(e.exit_code)
-
-
 @app.command(
     "demo-checkpoint",
     epilog="Example:\n\n  llamapro demo-checkpoint ./demo-llama && llamapro inspect ./demo-llama",
@@ -526,3 +509,20 @@ def demo_checkpoint(
         raise UsageError("--layers must be at least 1")
     write_demo_checkpoint(out, seed=seed, layers=layers)
     output.note(f"wrote a {layers}-layer demo Llama checkpoint to {out}")
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+def main() -> None:
+    """Console-script entry point: explicit SIGINT/SIGTERM handling (130/143, never 'Aborted!')."""
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        app()
+    except Interrupted as e:
+        from . import output
+
+        output.error(e.message)
+        sys.exit(e.exit_code)
