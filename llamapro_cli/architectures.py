@@ -15,8 +15,8 @@ Must not: read files, import torch or transformers.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -90,12 +90,41 @@ class Family:
     # the same name load into one parameter, a key renamed to "" is a buffer (freeze.memory_name).
     memory_renames: tuple[tuple[str, str], ...] = ()
     roles: Roles = field(default_factory=Roles)
+    # Another on-disk layout of the same model (e.g. newer transformers' save names): key-prefix rewrites
+    # from the names above, applied to layer_prefix and roles; `for_checkpoint` picks the one present.
+    alt_roots: tuple[tuple[str, str], ...] = ()
     drop_keys: tuple[str, ...] = ()  # derivation fields made meaningless by explicit lists
     set_keys: tuple[tuple[str, Any], ...] = ()  # constants the explicit lists require
     extra_layers_key: str | None = None  # count of layer-indexed non-blocks at index >= n (MTP layers)
     refuse: str = ""  # why this family can never be expanded exactly (exit 3)
     refusal: Callable[[Config], str | None] | None = None  # a config-dependent refusal reason (exit 3)
     notes: str = ""
+
+    def for_checkpoint(self, tensor_names: Iterable[str]) -> Family:
+        """This record as it applies to a checkpoint: the alternative layout when the blocks are there.
+
+        Called once per checkpoint (Checkpoint.assemble), so every later user of `layer_prefix`,
+        `block_regex()` and `roles` sees the names this checkpoint actually has."""
+        if not self.alt_roots:
+            return self
+        alt = self.alternative()
+        names = list(tensor_names)
+        if any(n.startswith(self.layer_prefix) for n in names):
+            return self
+        return alt if any(n.startswith(alt.layer_prefix) for n in names) else self
+
+    def alternative(self) -> Family:
+        """The record with `alt_roots` applied to every checkpoint name it holds."""
+
+        def rename(name: str) -> str:
+            return next((new + name[len(old) :] for old, new in self.alt_roots if name.startswith(old)), name)
+
+        roles = Roles(
+            embeddings=tuple(map(rename, self.roles.embeddings)),
+            head=tuple(map(rename, self.roles.head)),
+            final_norm=tuple(map(rename, self.roles.final_norm)),
+        )
+        return replace(self, layer_prefix=rename(self.layer_prefix), roles=roles, alt_roots=())
 
     def block_regex(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.layer_prefix)}(\d+)\.(.+)$")
@@ -563,11 +592,12 @@ def _matrix_row(fam: Family) -> list[str]:
 
     fields = [f.key + ("" if f.kind is FieldKind.LIST else f" ({f.kind.value})") for f in fam.layer_fields]
     where = ".".join((*fam.config_path, "")) if fam.config_path else ""
+    layouts = (fam, fam.alternative()) if fam.alt_roots else (fam,)
     status = f"refused: {fam.refuse}" if fam.refuse else "supported" + (f"; {fam.notes}" if fam.notes else "")
     return [
         fam.name,
         ", ".join(f"`{t}`" for t in fam.model_types),
-        f"`{fam.layer_prefix}{{i}}.`",
+        "<br>".join(f"`{f.layer_prefix}{{i}}.`" for f in layouts),
         code(fam.zero),
         code([where + f for f in fields]),
         status,

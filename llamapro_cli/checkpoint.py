@@ -101,7 +101,7 @@ class Checkpoint:
             root=root,
             config=config,
             config_sha256=config_sha,
-            family=family,
+            family=family.for_checkpoint(weight_map),  # the on-disk layout these weights use
             num_layers=count,
             headers=headers,
             weight_map=weight_map,

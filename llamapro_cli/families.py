@@ -231,7 +231,6 @@ _E_SCORE_BUFFER_MIXER = ((r"^.*\.mixer\.gate\.e_score_correction_bias$", ""),)
 _MM: dict[str, Any] = (
     dict(  # multimodal checkpoints: text blocks under language_model.model, counts in text_config
         layer_prefix="language_model.model.layers.",
-        memory_prefix="model.language_model.layers.",
         config_path=("text_config",),
         roles=Roles(
             embeddings=("language_model.model.embed_tokens.weight",),
@@ -239,6 +238,13 @@ _MM: dict[str, Any] = (
             final_norm=("language_model.model.norm.weight",),
         ),
     )
+)
+# Gemma 3 keeps its text model at model.language_model in memory; save_pretrained (5.24) writes the
+# original names back, but checkpoints written from the in-memory names carry model.language_model.*.
+_GEMMA3_MM: dict[str, Any] = dict(
+    _MM,
+    memory_prefix="model.language_model.layers.",
+    alt_roots=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")),
 )
 _GEMMA3_TYPES = _types(_every_kth_full("sliding_window_pattern", 6, "sliding_attention"))
 _LLAMA4_FIELDS = (
@@ -341,7 +347,7 @@ FAMILIES: tuple[Family, ...] = (
             (r"^multi_modal_projector\.", "model.multi_modal_projector."),
         ),
         notes="multimodal: text_config; vision tower untouched",
-        **_MM,
+        **_GEMMA3_MM,
     ),
     _simple("phi3", notes="fused qkv_proj / gate_up_proj untouched"),
     _simple(

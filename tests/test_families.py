@@ -46,6 +46,7 @@ AFTER = {
     "deepseek_v2": [1, 3],  # dense 0, 1 stay a prefix
     "deepseek_v3": [1, 3],
     "llama4_text": [1, 2, 4],  # MoE 1, 3, 5; NoPE 2, 5
+    "llama4": [1, 2, 4],  # chunked RoPE MoE 1, NoPE 2, chunked RoPE dense 4
     "qwen3_next": [1, 2, 3],  # full attention 2, 5; MoE 1, 5
     "lfm2": [1, 2],  # attention 2, 5
     "bamba": [2, 3],
@@ -85,6 +86,86 @@ def test_expansion_is_exact(tiny_model: TinyModel, tmp_path: Path, family: str, 
     before, after = arch.layer_signature(fam, old), arch.layer_signature(fam, new)
     assert before is not None and after is not None
     assert after == [before[layer["source"]] for layer in rec["layers"]]
+
+
+@pytest.mark.parametrize("variant", ["default", "legacy"])
+def test_llama4_multimodal_keeps_its_layout(tiny_model: TinyModel, tmp_path: Path, variant: str) -> None:
+    """Copies land under language_model.model.layers (what 5.24 writes), lists go to text_config, and
+    every non-text tensor (vision model, projector) is copied byte for byte."""
+    base = tiny_model("llama4", variant)
+    fam = _expand(base, tmp_path / "out", "llama4")
+    assert fam.layer_prefix == "language_model.model.layers."
+    old, new = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert not new["language_model.model.layers.2.self_attn.o_proj.weight"].any()  # copy of MoE layer 1
+    assert not new["language_model.model.layers.2.feed_forward.experts.down_proj"].any()
+    assert not new["language_model.model.layers.2.feed_forward.shared_expert.down_proj.weight"].any()
+    assert not new["language_model.model.layers.4.feed_forward.down_proj.weight"].any()  # copy of NoPE 2
+    other = [k for k in old if not k.startswith("language_model.")]
+    assert other and all(old[k].equal(new[k]) for k in other)
+    text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert text["num_hidden_layers"] == 9
+    assert text["no_rope_layers"] == [1, 1, 1, 0, 0, 1, 1, 1, 0]
+    assert text["moe_layers"] == [1, 2, 5, 8]
+
+
+# Newer on-disk names of multimodal Gemma 3 (what transformers keeps in memory): prefix rewrites.
+GEMMA3_NEW_NAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def _renamed(name: str) -> str:
+    return next((new + name[len(old) :] for old, new in GEMMA3_NEW_NAMES if name.startswith(old)), name)
+
+
+def test_gemma3_multimodal_accepts_both_on_disk_layouts(tiny_model: TinyModel, tmp_path: Path) -> None:
+    """5.24's save_pretrained writes language_model.model.layers.{i}; checkpoints saved elsewhere carry
+    model.language_model.layers.{i}. Both expand exactly, each keeping its own names."""
+    import torch
+
+    base = tiny_model("gemma3", "legacy")
+    assert any(k.startswith("language_model.model.layers.") for k in load_file(base / "model.safetensors"))
+    new_layout = tmp_path / "new_layout"
+    shutil.copytree(base, new_layout)
+    state = load_file(new_layout / "model.safetensors")
+    save_file({_renamed(k): v for k, v in state.items()}, new_layout / "model.safetensors", {"format": "pt"})
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    # load_model asserts no missing/unexpected/mismatched keys; same logits: the same model.
+    assert tm.logits_full(tm.load_model(new_layout), ids).equal(tm.logits_full(tm.load_model(base), ids))
+    prefixes = {}
+    for folder in (base, new_layout):  # the old layout's exactness is test_expansion_is_exact[gemma3-legacy]
+        out = tmp_path / f"{folder.name}-pro"
+        fam = _expand(folder, out, "gemma3")
+        state = load_file(out / "model.safetensors")
+        assert all(k in state for k in (*fam.roles.embeddings, *fam.roles.final_norm))
+        assert f"{fam.layer_prefix}7.self_attn.o_proj.weight" in state
+        assert not state[f"{fam.layer_prefix}3.mlp.down_proj.weight"].any()  # copy of layer 2
+        assert not any(k.startswith("language_model.") for k in state) or folder == base
+        prefixes[folder.name] = fam.layer_prefix
+    assert prefixes == {
+        base.name: "language_model.model.layers.",
+        "new_layout": "model.language_model.layers.",
+    }
+    tm.assert_identical(new_layout, tmp_path / "new_layout-pro")
+
+
+def test_nemotron_h_legacy_pattern_is_rewritten(tiny_model: TinyModel, tmp_path: Path) -> None:
+    """A config with only hybrid_override_pattern (+ num_hidden_layers): copies of moe 1, attention 2 and
+    mlp 4 break the pattern; both the pattern string and an explicit layers_block_type are written."""
+    base = tiny_model("nemotron_h", "legacy")
+    assert "layers_block_type" not in json.loads((base / "config.json").read_text())
+    _expand(base, tmp_path / "out", "nemotron_h")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["hybrid_override_pattern"] == "MEE**M--E"
+    assert cfg["num_hidden_layers"] == 9
+    chars = {"linear_attention": "M", "moe": "E", "full_attention": "*", "mlp": "-"}
+    assert "".join(chars[t] for t in cfg["layers_block_type"]) == "MEE**M--E"
+    # What transformers makes of it (exact full-sequence logits: test_expansion_is_exact[nemotron_h-legacy]).
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert loaded.hybrid_override_pattern == "MEE**M--E" and loaded.num_hidden_layers == 9
 
 
 def test_jamba_whole_periods_are_exact(tiny_model: TinyModel, tmp_path: Path) -> None:

@@ -67,6 +67,9 @@ class Family:
     # Cached decoding of a 1-output linear (Qwen's shared_expert_gate) rounds differently with the data
     # pointer's alignment, which follows the tensor's file offset (safetensors mmap): compare on copies.
     realign: bool = False
+    # Built with this class (a name in `transformers`); load_model picks it from config.json's
+    # `architectures`. AutoModelForCausalLM gives the text-only class for some multimodal configs (llama4).
+    model_class: str = "AutoModelForCausalLM"
 
 
 _QWEN_SLIDING = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 3}
@@ -141,6 +144,17 @@ _SMALL_VISION = {
     "num_attention_heads": 2,
     "image_size": 28,
     "patch_size": 14,
+}
+# MoE 1, 3, 5; NoPE 2, 5; chunked attention on the RoPE layers.
+_LLAMA4_TEXT = {
+    "head_dim": 16,
+    "intermediate_size_mlp": 96,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 1,
+    "interleave_moe_layer_step": 2,
+    "no_rope_layer_interval": 3,
+    "attention_chunk_size": WINDOW,
+    "pad_token_id": 0,
 }
 _MAMBA2 = {
     "mamba_n_heads": 8,
@@ -270,20 +284,34 @@ FAMILIES.update(
         "deepseek_v3": Family(config_class="DeepseekV3Config", config=_DEEPSEEK, variants={"default": _D}),
         "llama4_text": Family(
             config_class="Llama4TextConfig",
+            config=_LLAMA4_TEXT,
+            variants={
+                "default": _D,
+                "legacy": Variant(drop_keys=("layer_types", "no_rope_layers", "moe_layers")),
+            },
+        ),
+        # Multimodal Llama 4: text blocks under language_model.model.layers, lists in text_config.
+        "llama4": Family(
+            config_class="Llama4Config",
             config={
-                "head_dim": 16,
-                "intermediate_size_mlp": 96,
-                "num_local_experts": 4,
-                "num_experts_per_tok": 1,
-                "interleave_moe_layer_step": 2,
-                "no_rope_layer_interval": 3,
-                "attention_chunk_size": WINDOW,
-                "pad_token_id": 0,
+                "text_config": _LLAMA4_TEXT,
+                "vision_config": {
+                    **_SMALL_VISION,
+                    "vision_output_dim": 32,
+                    "projector_input_dim": 32,
+                    "projector_output_dim": 32,
+                },
+                "image_token_index": 127,
+                "boi_token_index": 125,
+                "eoi_token_index": 126,
             },
             variants={
                 "default": _D,
                 "legacy": Variant(drop_keys=("layer_types", "no_rope_layers", "moe_layers")),
             },
+            nest="text_config",
+            block_prefix="language_model.model.layers.",
+            model_class="Llama4ForConditionalGeneration",
         ),
         "gpt_oss": Family(
             config_class="GptOssConfig",
@@ -400,7 +428,14 @@ FAMILIES.update(
                 "layers_block_type": ["mamba", "moe", "attention", "mamba", "mlp", "moe"],
                 "use_mamba_kernels": False,
             },
-            variants={"default": _D},
+            variants={
+                "default": _D,
+                # Hub configs before layers_block_type: a pattern string and num_hidden_layers.
+                "legacy": Variant(
+                    drop_keys=("layers_block_type",),
+                    add_keys={"hybrid_override_pattern": "ME*M-E", "num_hidden_layers": 6},
+                ),
+            },
             cached=False,
             block_prefix="backbone.layers.",
         ),
@@ -441,9 +476,10 @@ def build_tiny(
     var = spec.variants[variant]
     config_cls = getattr(transformers, spec.config_class)
     config = config_cls(**_config_kwargs(spec, var))
+    model_cls = getattr(transformers, spec.model_class)
     with torch.random.fork_rng(devices=[]):  # keep the global RNG untouched
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = model_cls.from_config(config) if spec.model_class.startswith("Auto") else model_cls(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters()):  # sorted: noise independent of module order
@@ -507,7 +543,7 @@ def num_layers(path: Path) -> int:
 
 def load_model(path: Path, *, dtype: torch.dtype = torch.float32, attn: str = "eager") -> Any:
     """Load strictly: any missing, unexpected or mismatched key (or error message) is an AssertionError."""
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+    model, info = _model_class(path).from_pretrained(
         path, output_loading_info=True, dtype=dtype, attn_implementation=attn
     )
     problems = {
@@ -518,6 +554,26 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, attn: str = "e
     if problems:
         raise AssertionError(f"loading {path} was not clean: {problems}")
     return model.eval()
+
+
+def _model_class(path: Path) -> Any:
+    """The multimodal class config.json names, else AutoModelForCausalLM (which maps gemma3 to its
+    ForConditionalGeneration class but llama4 to the text-only one, which would not load the weights)."""
+    names = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    name = names[0] if names else ""
+    if name.endswith("ForConditionalGeneration") and hasattr(transformers, name):
+        return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM
+
+
+# transformers 5.24's Llama4ForConditionalGeneration.forward reads `outputs.image_outputs`, which its text
+# model's output lacks, so every call with return_dict raises. Without pixel_values its forward is its
+# language_model on the same embeddings: the oracle runs that (the weights were still loaded strictly).
+_BROKEN_FORWARD = ("Llama4ForConditionalGeneration",)
+
+
+def _text_path(model: Any) -> Any:
+    return model.language_model if type(model).__name__ in _BROKEN_FORWARD else model
 
 
 @torch.no_grad()
@@ -569,7 +625,7 @@ def _outputs(
     cached: bool = True,
     realign: bool = False,
 ) -> dict[str, Any]:
-    model = load_model(path, dtype=dtype, attn=attn)
+    model = _text_path(load_model(path, dtype=dtype, attn=attn))
     if realign:
         with torch.no_grad():
             for param in model.parameters():
