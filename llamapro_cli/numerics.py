@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -173,7 +174,7 @@ def _hf_load(root: Path, device: str, dtype: torch.dtype) -> tuple[Any, list[str
     kwargs: dict[str, Any] = {"output_loading_info": True, "attn_implementation": "eager", dtype_key: dtype}
     try:
         with _quiet_transformers():  # we report loading problems ourselves
-            loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(root, **kwargs)
+            loaded: Any = _model_class(transformers, root).from_pretrained(root, **kwargs)
     except Exception as e:  # transformers raises many types (config validation, shapes, OS errors)
         raise _LoadFailed(_first_line(e)) from e
     model, info = loaded
@@ -186,7 +187,30 @@ def _hf_load(root: Path, device: str, dtype: torch.dtype) -> tuple[Any, list[str
     problems = [
         f"{label} {item}" for key, label in labels.items() for item in sorted(map(str, info.get(key) or ()))
     ]
-    return model.to(device).eval(), problems
+    return _text_path(model.to(device).eval()), problems
+
+
+def _model_class(transformers: Any, root: Path) -> Any:
+    """The multimodal class config.json names, else AutoModelForCausalLM: Auto maps gemma3 to its
+    ForConditionalGeneration class but llama4 to the text-only one, which cannot load the full weights."""
+    try:
+        names = json.loads((root / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        names = []
+    name = str(names[0]) if names else ""
+    if name.endswith("ForConditionalGeneration") and hasattr(transformers, name):
+        return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM
+
+
+# transformers 5.24's Llama4ForConditionalGeneration.forward reads `outputs.image_outputs`, which its text
+# model's output lacks, so every call raises. Without pixel_values its forward is its language_model on
+# the same embeddings, so we run that (the weights were still loaded, and checked, as the whole model).
+_BROKEN_FORWARD = ("Llama4ForConditionalGeneration",)
+
+
+def _text_path(model: Any) -> Any:
+    return model.language_model if type(model).__name__ in _BROKEN_FORWARD else model
 
 
 def _first_line(error: BaseException) -> str:

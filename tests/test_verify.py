@@ -185,7 +185,8 @@ def test_demo_expansion_default_engine(demo: tuple[Path, Path]) -> None:
 
 @pytest.mark.hf
 @pytest.mark.parametrize(
-    ("family", "variant"), [("gemma3", "default"), ("qwen2_moe", "legacy"), ("gpt_oss", "default")]
+    ("family", "variant"),
+    [("gemma3", "default"), ("qwen2_moe", "legacy"), ("gpt_oss", "default"), ("llama4", "default")],
 )
 def test_other_families_with_transformers(
     expanded_tiny: Callable[..., tuple[Path, Path]], family: str, variant: str
