@@ -297,7 +297,7 @@ def _engine(choice: Engine, exp: Checkpoint) -> Engine:
             hint="pip install 'llamapro-cli[hf]', or use --engine native",
         )
     if choice is Engine.NATIVE:
-        from .reference import SUPPORTED_FAMILIES
+        from .refspec import SUPPORTED_FAMILIES
 
         if exp.family.name not in SUPPORTED_FAMILIES:
             raise UnsupportedError(

@@ -137,7 +137,7 @@ def without_provenance(expanded: Path, tmp_path: Path) -> Path:
 def test_variant_list_matches_the_oracle() -> None:
     import tiny_models
 
-    from llamapro_cli.reference import SUPPORTED_FAMILIES
+    from llamapro_cli.refspec import SUPPORTED_FAMILIES
 
     assert set(VARIANTS) <= set(tiny_models.all_variants())
     core = {"internlm3": "llama"}
