@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .architectures import renumber_extra, rewrite_config
+from .architectures import renumber_extra
 from .card import CardFacts, write_model_card
 from .checkpoint import INDEX_NAME, PROVENANCE_NAME, Checkpoint, within_checkpoint
 from .errors import OutputError, UsageError
 from .outdir import atomic_output, check_disjoint, free_space
 from .plan import ExpansionPlan, NewLayer, Placement, plan_expansion
+from .rewrite import rewrite_config
 from .safetensors_io import OutTensor, header_bytes, write_shard
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)

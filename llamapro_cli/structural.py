@@ -32,12 +32,12 @@ from .architectures import (
     LayerField,
     effective_values,
     renumber_extra,
-    rewrite_config,
 )
 from .checkpoint import Checkpoint
 from .errors import LlamaproError
 from .lineage import read_range, tensor_is_zero
 from .plan import ExpansionPlan, NewLayer
+from .rewrite import rewrite_config
 
 CHUNK = 16 * 1024 * 1024
 # Config keys that record how a file was written, not what the model computes.
