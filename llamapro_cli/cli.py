@@ -221,78 +221,87 @@ def expand(
         _push_after_expand(Path(report.out), push_to_hub, private=private, branch=push_branch, quiet=quiet)
 
 
-def _check_push_options(repo_id: str | None, *, private: bool, branch: str | None, dry_run: bool) -> None:
-    """Before any work: push options make sense together, and the push can succeed (repo id, token)."""
-    from .errors import UsageError
-
-    if repo_id is None:
-        if private or branch:
-            raise UsageError("--private and --push-branch need --push-to-hub REPO_ID")
-        return
-    if dry_run:
-        raise UsageError("--push-to-hub cannot be combined with --dry-run (nothing is written)")
-    from .hub import check_can_push
-
-    check_can_push(repo_id)
-
-
-def _push_after_expand(folder: Path, repo_id: str, *, private: bool, branch: str | None, quiet: bool) -> None:
-    from . import output
-    from .errors import OutputError
-    from .hub import push_folder
-
-    _hub_progress(quiet=quiet)
-    try:
-        pushed = push_folder(folder, repo_id, private=private or None, branch=branch)
-    except OutputError as e:
-        retry = f"{folder} is complete; retry with: llamapro push {folder} {repo_id}"
-        raise OutputError(e.message, hint=f"{e.hint}; {retry}" if e.hint else retry) from e
-    if not quiet:
-        output.note(f"pushed {pushed.files} files to {pushed.url}")
-
-
-def _hub_progress(*, quiet: bool) -> None:
-    if quiet:  # huggingface_hub draws its own bars on stderr
-        from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
-
-        disable_progress_bars()
-
-
 @app.command(
+    "verify-identity",
     epilog=(
         "Examples:\n\n"
-        "  llamapro push ./pro-8b me/llama-2-7b-pro --private\n\n"
-        "  llamapro push ./pro-8b me/llama-2-7b-pro --branch every-4 --json\n\n"
-        "The token is HF_TOKEN or the stored login (hf auth login). Exit codes: 0 uploaded; 2 bad repo id;\n"
-        "3 not a finished llamapro output (a .partial-* folder is never uploaded); 4 upload failed."
-    )
+        "  llamapro verify-identity --out ./pro-8b   (base: llamapro.json)\n\n"
+        "  llamapro verify-identity --out ./pro-8b --engine native --device cpu\n\n"
+        "  llamapro verify-identity --out ./pro-8b --prompt 'def fib(n):' --json\n\n"
+        "  llamapro verify-identity --in ./llama2-7b --out ./merged  (other tools)\n\n"
+        "Exit codes: 0 identical; 1 different (the first difference is named); 2 usage; 3 cannot\n"
+        "check (no base, no consistent layer mapping, no tokenizer, engine or device unavailable)."
+    ),
 )
 @handle_errors
-def push(
-    folder: Annotated[Path, typer.Argument(help="A finished llamapro expand output folder.")],
-    repo_id: Annotated[str, typer.Argument(help="The hub model repo (org/name), created if missing.")],
-    private: PrivateOpt = False,
-    branch: Annotated[
+def verify_identity(
+    out: Annotated[str, typer.Option("--out", help="The expanded checkpoint: a folder or a hub repo id.")],
+    in_: Annotated[
         str | None,
-        typer.Option("--branch", "--push-branch", help="Upload to this branch (created if missing)."),
+        typer.Option("--in", help="The base checkpoint (default: the source recorded in llamapro.json)."),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="auto (transformers when installed), transformers, or native (one block at a time)."
+        ),
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cuda, or cpu.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (the checkpoint's dtype), float32, bfloat16 or float16.")
+    ] = "auto",
+    tokens: Annotated[
+        int | None,
+        typer.Option(help="Length of the random token sequence (default: 32, or past the sliding window)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
+    prompt: Annotated[
+        str | None, typer.Option(help="Use this text, through the checkpoint's tokenizer, instead.")
+    ] = None,
+    atol: Annotated[float, typer.Option(help="Largest |Δ logit| accepted (default 0: bit-identical).")] = 0.0,
     quiet: QuietOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Upload an expand output folder to the Hugging Face Hub (resumable: rerun to finish).
+    """Prove the expanded checkpoint computes exactly what its base did.
 
-    Checks the folder first: a complete llamapro output whose config, index and shard headers agree.
-    Uses huggingface_hub's folder upload (upload_large_folder where available, else upload_folder).
+    First a structural check (no torch, any size): every original tensor byte-identical to the base's,
+    every copy identical to its source except the zeroed tensors, which are all zero, and every layer's
+    per-layer config (attention type, window) equal to its source's. Then a numerical check on the same
+    tokens: a full forward, cached decoding past every sliding window, and greedy decoding, compared
+    exactly. Without llamapro.json, --in is required and the layer mapping is inferred from the zeros.
     """
     from . import output
-    from .hub import push_folder
+    from .errors import CheckFailed
+    from .verify import verify_identity as run_verify
 
-    _hub_progress(quiet=quiet or json_)
-    report = push_folder(folder, repo_id, private=private or None, branch=branch)
+    with output.progress("verify-identity", quiet=quiet or json_) as progress:
+        report = run_verify(
+            out,
+            base=in_,
+            engine=engine,
+            device=device,
+            dtype=dtype,
+            tokens=tokens,
+            seed=seed,
+            prompt=prompt,
+            atol=atol,
+            progress=progress,
+        )
+    if not quiet:
+        for warning in report.warnings:
+            output.warn(warning)
     if json_:
         output.print_json(report)
     else:
-        output.render_push(report)
+        output.render_identity(report)
+    if report.verdict != "identical":
+        structural = report.structural is not None and not report.structural.ok
+        raise CheckFailed(
+            f"not identical: {report.reason}",
+            hint="re-create it with llamapro expand, or pass the right base with --in"
+            if structural
+            else "the weights and config match but the outputs do not: please report this with --json",
+        )
 
 
 @app.command(
@@ -405,87 +414,78 @@ def verify_frozen(
         )
 
 
+def _check_push_options(repo_id: str | None, *, private: bool, branch: str | None, dry_run: bool) -> None:
+    """Before any work: push options make sense together, and the push can succeed (repo id, token)."""
+    from .errors import UsageError
+
+    if repo_id is None:
+        if private or branch:
+            raise UsageError("--private and --push-branch need --push-to-hub REPO_ID")
+        return
+    if dry_run:
+        raise UsageError("--push-to-hub cannot be combined with --dry-run (nothing is written)")
+    from .hub import check_can_push
+
+    check_can_push(repo_id)
+
+
+def _push_after_expand(folder: Path, repo_id: str, *, private: bool, branch: str | None, quiet: bool) -> None:
+    from . import output
+    from .errors import OutputError
+    from .hub import push_folder
+
+    _hub_progress(quiet=quiet)
+    try:
+        pushed = push_folder(folder, repo_id, private=private or None, branch=branch)
+    except OutputError as e:
+        retry = f"{folder} is complete; retry with: llamapro push {folder} {repo_id}"
+        raise OutputError(e.message, hint=f"{e.hint}; {retry}" if e.hint else retry) from e
+    if not quiet:
+        output.note(f"pushed {pushed.files} files to {pushed.url}")
+
+
+def _hub_progress(*, quiet: bool) -> None:
+    if quiet:  # huggingface_hub draws its own bars on stderr
+        from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
+
+        disable_progress_bars()
+
+
 @app.command(
-    "verify-identity",
     epilog=(
         "Examples:\n\n"
-        "  llamapro verify-identity --out ./pro-8b   (base: llamapro.json)\n\n"
-        "  llamapro verify-identity --out ./pro-8b --engine native --device cpu\n\n"
-        "  llamapro verify-identity --out ./pro-8b --prompt 'def fib(n):' --json\n\n"
-        "  llamapro verify-identity --in ./llama2-7b --out ./merged  (other tools)\n\n"
-        "Exit codes: 0 identical; 1 different (the first difference is named); 2 usage; 3 cannot\n"
-        "check (no base, no consistent layer mapping, no tokenizer, engine or device unavailable)."
-    ),
+        "  llamapro push ./pro-8b me/llama-2-7b-pro --private\n\n"
+        "  llamapro push ./pro-8b me/llama-2-7b-pro --branch every-4 --json\n\n"
+        "The token is HF_TOKEN or the stored login (hf auth login). Exit codes: 0 uploaded; 2 bad repo id;\n"
+        "3 not a finished llamapro output (a .partial-* folder is never uploaded); 4 upload failed."
+    )
 )
 @handle_errors
-def verify_identity(
-    out: Annotated[str, typer.Option("--out", help="The expanded checkpoint: a folder or a hub repo id.")],
-    in_: Annotated[
+def push(
+    folder: Annotated[Path, typer.Argument(help="A finished llamapro expand output folder.")],
+    repo_id: Annotated[str, typer.Argument(help="The hub model repo (org/name), created if missing.")],
+    private: PrivateOpt = False,
+    branch: Annotated[
         str | None,
-        typer.Option("--in", help="The base checkpoint (default: the source recorded in llamapro.json)."),
+        typer.Option("--branch", "--push-branch", help="Upload to this branch (created if missing)."),
     ] = None,
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="auto (transformers when installed), transformers, or native (one block at a time)."
-        ),
-    ] = "auto",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cuda, or cpu.")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="auto (the checkpoint's dtype), float32, bfloat16 or float16.")
-    ] = "auto",
-    tokens: Annotated[
-        int | None,
-        typer.Option(help="Length of the random token sequence (default: 32, or past the sliding window)."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
-    prompt: Annotated[
-        str | None, typer.Option(help="Use this text, through the checkpoint's tokenizer, instead.")
-    ] = None,
-    atol: Annotated[float, typer.Option(help="Largest |Δ logit| accepted (default 0: bit-identical).")] = 0.0,
     quiet: QuietOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Prove the expanded checkpoint computes exactly what its base did.
+    """Upload an expand output folder to the Hugging Face Hub (resumable: rerun to finish).
 
-    First a structural check (no torch, any size): every original tensor byte-identical to the base's,
-    every copy identical to its source except the zeroed tensors, which are all zero, and every layer's
-    per-layer config (attention type, window) equal to its source's. Then a numerical check on the same
-    tokens: a full forward, cached decoding past every sliding window, and greedy decoding, compared
-    exactly. Without llamapro.json, --in is required and the layer mapping is inferred from the zeros.
+    Checks the folder first: a complete llamapro output whose config, index and shard headers agree.
+    Uses huggingface_hub's folder upload (upload_large_folder where available, else upload_folder).
     """
     from . import output
-    from .errors import CheckFailed
-    from .verify import verify_identity as run_verify
+    from .hub import push_folder
 
-    with output.progress("verify-identity", quiet=quiet or json_) as progress:
-        report = run_verify(
-            out,
-            base=in_,
-            engine=engine,
-            device=device,
-            dtype=dtype,
-            tokens=tokens,
-            seed=seed,
-            prompt=prompt,
-            atol=atol,
-            progress=progress,
-        )
-    if not quiet:
-        for warning in report.warnings:
-            output.warn(warning)
+    _hub_progress(quiet=quiet or json_)
+    report = push_folder(folder, repo_id, private=private or None, branch=branch)
     if json_:
         output.print_json(report)
     else:
-        output.render_identity(report)
-    if report.verdict != "identical":
-        structural = report.structural is not None and not report.structural.ok
-        raise CheckFailed(
-            f"not identical: {report.reason}",
-            hint="re-create it with llamapro expand, or pass the right base with --in"
-            if structural
-            else "the weights and config match but the outputs do not: please report this with --json",
-        )
+        output.render_push(report)
 
 
 @app.command(
