@@ -28,7 +28,7 @@ from . import __version__
 from .architectures import renumber_extra
 from .card import CardFacts, write_model_card
 from .checkpoint import INDEX_NAME, PROVENANCE_NAME, Checkpoint, within_checkpoint
-from .errors import OutputError, UsageError
+from .errors import InputError, OutputError, UsageError
 from .outdir import atomic_output, check_disjoint, free_space
 from .plan import ExpansionPlan, NewLayer, Placement, plan_expansion
 from .rewrite import rewrite_config
@@ -228,12 +228,15 @@ def _card_facts(job: _Job, *, digests: bool, hub_repo_id: str | None) -> CardFac
         parameters_in=ckpt.parameter_count(),
         parameters_out=sum(_numel(t.shape) for _, ts in job.shards for t in ts),
         digests=digests,
-        original=(
-            readme.read_text(encoding="utf-8", errors="replace")
-            if readme.is_file() and within_checkpoint(ckpt.root, readme)
-            else None
-        ),
+        original=_read_text(readme) if readme.is_file() and within_checkpoint(ckpt.root, readme) else None,
     )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {os.strerror(e.errno or 0)}") from e
 
 
 def _prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, command: str | None) -> _Job:
@@ -344,7 +347,20 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
         record["digests"] = {"algorithm": "sha256", "tensors": hashes}
     _write_json(tmp / PROVENANCE_NAME, record)
     for name in job.carried:
-        shutil.copyfile(job.ckpt.root / name, tmp / name)  # follows hub-cache symlinks
+        _carry(job.ckpt.root / name, tmp / name)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Copy a companion file (following hub-cache symlinks); I/O errors name the failing side."""
+    try:
+        with open(src, "rb") as fsrc:
+            try:
+                with open(dst, "xb") as fdst:
+                    shutil.copyfileobj(fsrc, fdst)
+            except OSError as e:  # OutputError is no OSError: it passes the handler below
+                raise OutputError(f"cannot write {dst}: {os.strerror(e.errno or 0)}") from e
+    except OSError as e:
+        raise InputError(f"cannot read {src}: {os.strerror(e.errno or 0)}") from e
 
 
 def _write_index(path: Path, job: _Job) -> None:
