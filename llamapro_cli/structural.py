@@ -2,9 +2,11 @@
 
 For a layer mapping (new index -> source layer, identity or not) it checks, cheapest first:
 1. config.json: every key the two configs share has the same value (the layer count and the per-layer
-   fields aside), and every per-layer field gives each expanded layer exactly its source layer's
-   behaviour (attention type, sliding threshold, ...), with transformers' default formulas applied where a
-   config has no explicit list, so a legacy base compares correctly with an explicit expanded config;
+   fields aside), a key only one of them sets reads the same on both sides with the defaults filled in
+   (through the caller's `normalise`: transformers' config classes), and every per-layer field gives
+   each expanded layer exactly its source layer's behaviour (attention type, sliding threshold, ...),
+   with transformers' default formulas applied where a config has no explicit list, so a legacy base
+   compares correctly with an explicit expanded config;
 2. the tensor sets: the same non-block tensors, and each layer has exactly its source's tensors, with the
    same dtypes and shapes (a cast to another dtype is named here);
 3. the bytes: non-block tensors and every tensor of an original layer are byte-identical to the base's;
@@ -44,6 +46,10 @@ CHUNK = 16 * 1024 * 1024
 _BOOKKEEPING = frozenset({"transformers_version", "_name_or_path", "use_cache", "_commit_hash"})
 
 Progress = Callable[[int, int], None]  # (bytes compared, bytes to compare)
+# A config as the modelling code reads it, every default filled in (verify.py passes transformers').
+Normalise = Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
+# Keys a config may gain or lose without changing what the weights compute (their dtypes are checked).
+_ONE_SIDED_OK = frozenset({"dtype", "torch_dtype", "architectures"})
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,18 @@ class _Mismatch(Exception):
 
 
 def check_structure(
-    base: Checkpoint, expanded: Checkpoint, plan: ExpansionPlan, *, progress: Progress | None = None
+    base: Checkpoint,
+    expanded: Checkpoint,
+    plan: ExpansionPlan,
+    *,
+    progress: Progress | None = None,
+    normalise: Normalise | None = None,
 ) -> StructuralResult:
     """Compare `expanded` with `base` under `plan`; the first mismatch is reported, not raised."""
     started = time.monotonic()
     walker = _Walker(base, expanded, plan, progress or (lambda done, total: None))
     try:
-        check_config(base, expanded, plan)
+        check_config(base, expanded, plan, normalise=normalise)
         walker.check_names()
         walker.check_bytes()
     except _Mismatch as e:
@@ -83,8 +94,11 @@ def check_structure(
 # --- config.json ----------------------------------------------------------------------------------------
 
 
-def check_config(base: Checkpoint, expanded: Checkpoint, plan: ExpansionPlan) -> None:
-    """Shared keys equal; per-layer behaviour of every expanded layer equal to its source's."""
+def check_config(
+    base: Checkpoint, expanded: Checkpoint, plan: ExpansionPlan, *, normalise: Normalise | None = None
+) -> None:
+    """Shared keys equal; keys on one side only equal as `normalise` reads both configs; per-layer
+    behaviour of every expanded layer equal to its source's."""
     family = expanded.family
     if base.family.name != family.name:
         raise _Mismatch(f"architecture {family.name} here, {base.family.name} in the base")
@@ -96,15 +110,37 @@ def check_config(base: Checkpoint, expanded: Checkpoint, plan: ExpansionPlan) ->
         )
     fields = layer_fields(family)
     skip = {family.count_key, *fields, *family.drop_keys, *(k for k, _ in family.set_keys)}
-    old, new = _flat(family, _expected_config(base, plan)), _flat(family, expanded.config)
+    expected = _expected_config(base, plan)
+    old, new = _flat(family, expected), _flat(family, expanded.config)
     for key in sorted(old.keys() & new.keys()):
         if key.rsplit(".", 1)[-1] not in skip and old[key] != new[key]:
             raise _Mismatch(
                 f"config.json: {key} is {new[key]!r} here but {old[key]!r} in the base",
                 tensor=f"config.json:{key}",
             )
+    one_sided = sorted(k for k in old.keys() ^ new.keys() if k.rsplit(".", 1)[-1] not in skip | _ONE_SIDED_OK)
+    if one_sided and normalise is not None:
+        _check_one_sided(family, one_sided, normalise(expected), normalise(expanded.config))
     for fld in fields.values():
         _check_field(fld, family, base, expanded, plan)
+
+
+def _check_one_sided(
+    family: Family, keys: list[str], old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
+) -> None:
+    """A key only one config sets (a hand-written base leaves `rope_parameters` to the defaults, say) is
+    equal only when the modelling code reads the same value on both sides, defaults filled in."""
+    if old is None or new is None:
+        return  # the configs cannot be read that way: only the shared keys could be compared
+    old_flat, new_flat = _flat(family, old), _flat(family, new)
+    for key in keys:
+        mine, theirs = new_flat.get(key), old_flat.get(key)
+        if mine != theirs:
+            raise _Mismatch(
+                f"config.json: {key} is {mine!r} here but {theirs!r} in the base (as transformers reads "
+                "both configs, defaults filled in)",
+                tensor=f"config.json:{key}",
+            )
 
 
 def _expected_config(base: Checkpoint, plan: ExpansionPlan) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -190,11 +190,37 @@ def verify_identity(
     mapping = layer_mapping(exp, src)
     _check_base(exp, src, mapping.plan)
     warnings = _lineage_warnings(exp, src, mapping.how, mapping.plan)
-    shape = check_structure(src, exp, mapping.plan, progress=progress) if structural else None
+    shape = (
+        check_structure(src, exp, mapping.plan, progress=progress, normalise=_hf_config_reader())
+        if structural
+        else None
+    )
     run, numbers = None, None
     if numerical and (shape is None or shape.ok):
         run, numbers = _numerical(src, exp, mapping.plan, opts, warnings)
     return _report(src, exp, mapping, shape, run, numbers, warnings, opts.atol, started)
+
+
+def _hf_config_reader() -> Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None:
+    """A config as transformers reads it (every default filled in), for keys only one config sets; None
+    without transformers (then only the keys both configs set are compared, and the numerics decide)."""
+    if importlib.util.find_spec("transformers") is None:
+        return None
+
+    def read(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        from transformers import AutoConfig
+
+        from .numerics import _quiet_transformers
+
+        values = dict(config)
+        try:
+            with _quiet_transformers():
+                result: dict[str, Any] = AutoConfig.for_model(values.pop("model_type"), **values).to_dict()
+        except Exception:  # an unknown model type or a config this transformers rejects: no defaults
+            return None
+        return result
+
+    return read
 
 
 def _choice(enum: type[Any], value: Any, option: str) -> Any:

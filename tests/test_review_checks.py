@@ -1,0 +1,59 @@
+"""Regression tests for false passes found by reviewing the checking side (verify-identity, verify-frozen)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from llamapro_cli.expand import expand
+from llamapro_cli.verify import verify_identity
+
+ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
+
+
+def _legacy_base(tiny_model: Callable[..., Path], dest: Path) -> Path:
+    """A tiny Llama whose config.json leaves RoPE to the defaults (as hand-written hub configs do)."""
+    base = shutil.copytree(tiny_model("llama"), dest)
+    config = json.loads((base / "config.json").read_text())
+    for key in ROPE_KEYS:
+        config.pop(key, None)
+    (base / "config.json").write_text(json.dumps(config, indent=2))
+    return base
+
+
+@pytest.mark.hf
+def test_key_added_to_the_expanded_config_only_is_named(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Dynamic NTK scaling only acts past max_position_embeddings, so no affordable numerical check sees
+    it: the structural check must, although the base config has no such key to compare it with."""
+    base = _legacy_base(tiny_model, tmp_path / "base")
+    expand(base, tmp_path / "pro", every=2)
+    config = json.loads((tmp_path / "pro" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 8.0, "rope_theta": 10000.0}
+    (tmp_path / "pro" / "config.json").write_text(json.dumps(config, indent=2))
+    report = verify_identity(tmp_path / "pro", base=base, numerical=False)
+    assert report.verdict == "different"
+    assert report.structural is not None and report.structural.tensor == "config.json:rope_parameters"
+    assert "rope_parameters" in (report.reason or "") and "dynamic" in (report.reason or "")
+
+
+@pytest.mark.hf
+def test_transformers_round_trip_of_the_config_still_verifies(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Other tools save the expanded config through transformers, which writes every default (here the
+    RoPE settings the base leaves out): keys on one side only are equal when transformers reads them so."""
+    from transformers import AutoConfig
+
+    base = _legacy_base(tiny_model, tmp_path / "base")
+    expand(base, tmp_path / "pro", every=2)
+    AutoConfig.from_pretrained(tmp_path / "pro").save_pretrained(tmp_path / "pro")
+    written = json.loads((tmp_path / "pro" / "config.json").read_text())
+    assert "rope_parameters" in written  # the round trip did add a key the base does not have
+    report = verify_identity(tmp_path / "pro", base=base, engine="native")
+    assert report.verdict == "identical", report.reason
