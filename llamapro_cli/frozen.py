@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .architectures import FAMILIES
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from .errors import InputError, UsageError
 from .freeze import FreezeMap, TensorEntry, freeze_map, load_manifest
@@ -95,10 +96,14 @@ def verify_frozen(
     started = time.monotonic()
     fm, label = _load_map(map_or_expanded, also)
     reference = _reference(fm)
-    files, tensors, stripped, extra = open_trained(Path(trained), fm)
+    heads = tied_heads(fm)
+    files, tensors, stripped, extra = open_trained(Path(trained), fm, heads=heads)
     audit = _Audit(fm, reference, progress, total=sum(t.info.nbytes for t in tensors.values()))
     for name in fm.tensors:
         audit.check(name, tensors.get(name))
+    for head, embeddings in heads.items():
+        if head in tensors:  # the trainer untied the head: it must still be the embedding matrix
+            audit.check(head, tensors[head], like=embeddings)
     return audit.report(label, str(trained), files, stripped, extra, time.monotonic() - started)
 
 
@@ -137,6 +142,17 @@ class _Reference:
         return True
 
 
+def tied_heads(fm: FreezeMap) -> dict[str, str]:
+    """Head keys a tied map does not store -> the embedding key they are (a trained checkpoint may hold
+    them once the trainer unties the head; they are then the frozen embedding matrix, or changed)."""
+    family = next((f for f in FAMILIES if f.name == fm.architecture), None)
+    if not fm.tied_embeddings or family is None:
+        return {}
+    roles = family.for_checkpoint(fm.tensors).roles
+    embeddings = next((e for e in roles.embeddings if e in fm.tensors), None)
+    return {h: embeddings for h in roles.head if embeddings and h not in fm.tensors}
+
+
 def _reference(fm: FreezeMap) -> _Reference:
     if all(entry.sha256 for entry in fm.tensors.values()):
         return _Reference(fm, None)
@@ -170,15 +186,19 @@ class _Audit:
         self.checked = [0, 0]  # frozen, trainable
         self.done = 0
 
-    def check(self, name: str, found: TrainedTensor | None) -> None:
-        entry = self.fm.tensors[name]
-        trainable = name in self.trainable
+    def check(self, name: str, found: TrainedTensor | None, *, like: str | None = None) -> None:
+        """Audit `name`; `like`: the map's tensor it must equal (the embeddings, for an untied head)."""
+        ref = like or name
+        entry = self.fm.tensors[ref]
+        trainable = ref in self.trainable
         if found is None:
             if name not in self.not_parameters:  # never "missing": trainers need not save them
                 (self.trainable_missing if trainable else self.missing).append(name)
             return
         self.checked[trainable] += 1
-        reason = self._compare(name, entry, found, trainable)
+        reason = self._compare(ref, entry, found, trainable)
+        if reason is not None and like is not None:
+            reason = f"{reason}; compared with {like}, which the tied head is"
         self.done += found.info.nbytes
         if self.progress:
             self.progress(self.done, self.total)
@@ -320,17 +340,21 @@ class TrainedTensor:
     info: TensorInfo
 
 
-def open_trained(path: Path, fm: FreezeMap) -> tuple[int, dict[str, TrainedTensor], list[str], list[str]]:
-    """(file count, {checkpoint key: tensor}, prefixes stripped, names the map does not know)."""
+def open_trained(
+    path: Path, fm: FreezeMap, *, heads: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, TrainedTensor], list[str], list[str]]:
+    """(file count, {checkpoint key: tensor}, prefixes stripped, names the map does not know); `heads`
+    (a tied map's unstored head keys) are known names too."""
     files = trained_files(path)
     by_param = _single_key_parameters(fm.tensors)
+    known: Mapping[str, object] = {**fm.tensors, **(heads or {})}
     found: dict[str, TrainedTensor] = {}
     stripped: set[str] = set()
     extra: list[str] = []
     for file in files:
         header = read_header(file)
         for raw, info in header.tensors.items():
-            name, prefix = _canonical(raw, fm.tensors, by_param)
+            name, prefix = _canonical(raw, known, by_param)
             if name is None:
                 extra.append(raw)
                 continue
@@ -352,7 +376,7 @@ def _single_key_parameters(tensors: Mapping[str, TensorEntry]) -> dict[str, str]
 
 
 def _canonical(
-    raw: str, tensors: Mapping[str, TensorEntry], by_param: Mapping[str, str]
+    raw: str, tensors: Mapping[str, object], by_param: Mapping[str, str]
 ) -> tuple[str | None, str]:
     name, prefix = raw, ""
     while True:

@@ -57,3 +57,31 @@ def test_transformers_round_trip_of_the_config_still_verifies(
     assert "rope_parameters" in written  # the round trip did add a key the base does not have
     report = verify_identity(tmp_path / "pro", base=base, engine="native")
     assert report.verdict == "identical", report.reason
+
+
+@pytest.mark.hf
+def test_changed_head_of_a_tied_model_is_not_an_extra(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A tied expansion stores no head: a trained checkpoint that does (the trainer untied it) must hold the
+    frozen embedding matrix there, or the frozen head changed."""
+    from safetensors.torch import load_file, save_file
+
+    from llamapro_cli.frozen import verify_frozen
+
+    expand(tiny_model("llama", "tied"), tmp_path / "pro", every=2, digests=True)
+    state = load_file(tmp_path / "pro" / "model.safetensors")
+    assert "lm_head.weight" not in state
+    (tmp_path / "same").mkdir()
+    save_file(
+        {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()},
+        tmp_path / "same" / "x.safetensors",
+    )
+    report = verify_frozen(tmp_path / "pro", tmp_path / "same")
+    assert report.ok and "lm_head.weight" not in report.extra
+    (tmp_path / "moved").mkdir()
+    moved = {**state, "base_model.model.lm_head.weight": state["model.embed_tokens.weight"] + 0.5}
+    save_file(moved, tmp_path / "moved" / "x.safetensors")
+    report = verify_frozen(tmp_path / "pro", tmp_path / "moved")
+    assert not report.ok and [c.name for c in report.changed] == ["lm_head.weight"]
+    assert "model.embed_tokens.weight" in report.changed[0].reason
