@@ -73,7 +73,9 @@ def active_window(ckpt: Checkpoint) -> int:
     config = ckpt.family.sub_config(ckpt.config)
     sizes = [v for k in ("sliding_window", "attention_chunk_size") if isinstance(v := config.get(k), int)]
     kinds = layer_kinds(ckpt.family, ckpt.config)
-    if kinds is not None and not any(k in ("sliding_attention", "chunked_attention") for k in kinds):
+    # A kind is one word per per-layer field ("rope moe chunked_attention"): look at the words.
+    words = {w for k in kinds or () for w in k.split()}
+    if kinds is not None and not words & {"sliding_attention", "chunked_attention"}:
         return 0  # every layer is full attention (qwen2 with use_sliding_window: false)
     positions = config.get("max_position_embeddings")
     limit = positions if isinstance(positions, int) else sys.maxsize

@@ -85,3 +85,20 @@ def test_changed_head_of_a_tied_model_is_not_an_extra(
     report = verify_frozen(tmp_path / "pro", tmp_path / "moved")
     assert not report.ok and [c.name for c in report.changed] == ["lm_head.weight"]
     assert "model.embed_tokens.weight" in report.changed[0].reason
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize(("family", "window"), [("llama4_text", 4), ("qwen2_moe", 4)])
+def test_window_of_layers_with_several_kind_words_is_active(
+    tiny_model: Callable[..., Path], family: str, window: int
+) -> None:
+    """Layer kinds join one word per per-layer field ("rope moe chunked_attention"): a chunked or sliding
+    layer among them still makes its window active, so the prefill goes past it (or a warning says not)."""
+    from llamapro_cli.architectures import layer_kinds
+    from llamapro_cli.checkpoint import Checkpoint
+    from llamapro_cli.tokens import active_window
+
+    ckpt = Checkpoint.open(tiny_model(family))
+    kinds = layer_kinds(ckpt.family, ckpt.config) or []
+    assert any(" " in k and ("chunked" in k or "sliding" in k) for k in kinds)
+    assert active_window(ckpt) == window
