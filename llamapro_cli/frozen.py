@@ -98,6 +98,9 @@ def verify_frozen(
     reference = _reference(fm)
     heads = tied_heads(fm)
     files, tensors, stripped, extra = open_trained(Path(trained), fm, heads=heads)
+    for head, embeddings in heads.items():
+        if embeddings not in tensors and head in tensors:  # one name kept per shared tensor (save_model)
+            tensors[embeddings] = tensors.pop(head)
     audit = _Audit(fm, reference, progress, total=sum(t.info.nbytes for t in tensors.values()))
     for name in fm.tensors:
         audit.check(name, tensors.get(name))

@@ -102,3 +102,26 @@ def test_window_of_layers_with_several_kind_words_is_active(
     kinds = layer_kinds(ckpt.family, ckpt.config) or []
     assert any(" " in k and ("chunked" in k or "sliding" in k) for k in kinds)
     assert active_window(ckpt) == window
+
+
+@pytest.mark.hf
+def test_tied_weights_saved_under_the_head_name_stand_for_the_embeddings(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """safetensors' save_model keeps one name per shared tensor, the first in sort order: a tied model's
+    matrix is then saved as lm_head.weight only. It is the embedding matrix, not a missing tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from llamapro_cli.frozen import verify_frozen
+
+    expand(tiny_model("llama", "tied"), tmp_path / "pro", every=2, digests=True)
+    state = load_file(tmp_path / "pro" / "model.safetensors")
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    (tmp_path / "t").mkdir()
+    save_file(state, tmp_path / "t" / "model.safetensors")
+    report = verify_frozen(tmp_path / "pro", tmp_path / "t")
+    assert report.ok and not report.missing and not report.extra
+    state["lm_head.weight"] = state["lm_head.weight"] + 0.5
+    save_file(state, tmp_path / "t" / "model.safetensors")
+    report = verify_frozen(tmp_path / "pro", tmp_path / "t")
+    assert not report.ok and [c.name for c in report.changed] == ["model.embed_tokens.weight"]
