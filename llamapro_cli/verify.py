@@ -213,14 +213,30 @@ def _hf_config_reader() -> Callable[[Mapping[str, Any]], Mapping[str, Any] | Non
         from .numerics import _quiet_transformers
 
         values = dict(config)
+        model_type = values.pop("model_type")
         try:
             with _quiet_transformers():
-                result: dict[str, Any] = AutoConfig.for_model(values.pop("model_type"), **values).to_dict()
+                return _defined(AutoConfig.for_model(model_type, **values), AutoConfig.for_model(model_type))
         except Exception:  # an unknown model type or a config this transformers rejects: no defaults
             return None
-        return result
 
     return read
+
+
+def _defined(config: Any, default: Any) -> dict[str, Any]:
+    """`config.to_dict()` limited to the keys its class defines (`default` is the class's default
+    instance): stamps other tools add (`unsloth_version`) are no model setting. Sub-configs recurse."""
+    from transformers import PretrainedConfig
+
+    known = default.to_dict()
+    out: dict[str, Any] = {}
+    for key, value in config.to_dict().items():
+        if key not in known:
+            continue
+        sub, sub_default = getattr(config, key, None), getattr(default, key, None)
+        both = isinstance(sub, PretrainedConfig) and isinstance(sub_default, PretrainedConfig)
+        out[key] = _defined(sub, sub_default) if both else value
+    return out
 
 
 def _choice(enum: type[Any], value: Any, option: str) -> Any:
