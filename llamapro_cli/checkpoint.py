@@ -345,9 +345,16 @@ def _layer_entry_ok(entry: Any) -> bool:
 
 def _read_weights(root: Path) -> Weights:
     index_path = root / INDEX_NAME
+    single = root / SINGLE_NAME
+    if index_path.exists() and single.exists():
+        # transformers loads model.safetensors and ignores the index; one of the two is stale, and
+        # guessing which would make expand and the loader disagree about what the model is.
+        raise InputError(
+            f"{root}: both {SINGLE_NAME} and {INDEX_NAME}; transformers would load only {SINGLE_NAME}",
+            hint="remove the stale one",
+        )
     if index_path.exists():
         return _read_sharded(root, index_path)
-    single = root / SINGLE_NAME
     if single.exists():
         if not single.is_file():
             raise InputError(f"{single} is not a regular file")

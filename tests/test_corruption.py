@@ -340,6 +340,12 @@ CASES = [
     ),
     Case("no-weights", no_weights, ("no model.safetensors",)),
     Case(
+        "index-and-single-file",  # transformers would load model.safetensors and ignore the index
+        lambda r: shutil.copyfile(r / S1, r / "model.safetensors"),
+        ("both model.safetensors and model.safetensors.index.json",),
+        hint="remove the stale one",
+    ),
+    Case(
         "provenance-malformed",
         lambda r: (r / "llamapro.json").write_text(json.dumps({"schema_version": 1, "layers": 3})),
         ("llamapro.json", "malformed"),
