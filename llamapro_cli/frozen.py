@@ -96,6 +96,7 @@ def verify_frozen(
     started = time.monotonic()
     fm, label = _load_map(map_or_expanded, also)
     reference = _reference(fm)
+    _refuse_self_comparison(reference, Path(trained))
     heads = tied_heads(fm)
     files, tensors, stripped, extra = open_trained(Path(trained), fm, heads=heads)
     for head, embeddings in heads.items():
@@ -171,6 +172,21 @@ def _reference(fm: FreezeMap) -> _Reference:
         if info is None or info.dtype != entry.dtype or info.shape != entry.shape:
             raise InputError(f"{ckpt.root}: tensor {name} differs from the freeze map's record of it")
     return _Reference(fm, ckpt)
+
+
+def _refuse_self_comparison(ref: _Reference, trained: Path) -> None:
+    """Without digests the expanded checkpoint is the reference: training that saved into the same folder
+    overwrote it, and comparing it with itself would pass whatever training did."""
+    if ref.ckpt is None:
+        return
+    root, target = ref.ckpt.root.resolve(), trained.resolve()
+    if target == root or target.is_relative_to(root):
+        raise UsageError(
+            f"--trained {trained} is the expanded checkpoint the map compares against, and the map has "
+            "no digests: there is nothing to compare it with",
+            hint="expand with --digests before training (the digests survive an in-place save), "
+            "or keep the expanded checkpoint apart from the training output",
+        )
 
 
 class _Audit:

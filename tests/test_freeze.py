@@ -497,3 +497,20 @@ def test_real_training_step_changes_only_new_layers(pro: dict[str, Path], tmp_pa
     report = verify_frozen(pro["digests"], tmp_path / "trained")
     assert report.ok and report.frozen_unchanged == report.frozen_checked
     assert report.trainable_changed > 0 and not report.unchanged_new_layers
+
+
+def test_in_place_training_without_digests_is_refused(pro: dict[str, Path], tmp_path: Path) -> None:
+    """Without digests the expanded folder is the reference: a trainer that saved into it overwrote it,
+    and comparing it with itself would pass whatever changed. With digests the audit still works."""
+    plain = tmp_path / "plain"
+    shutil.copytree(pro["plain"], plain)
+    flip_one_byte(plain, "model.layers.2.mlp.up_proj.weight")  # "training" that broke a frozen tensor
+    for target in (plain, plain / "model.safetensors"):
+        result = runner.invoke(app, ["verify-frozen", "--map", str(plain), "--trained", str(target)])
+        assert result.exit_code == 2, result.stderr
+        assert result.stderr.startswith("error: --trained") and "no digests" in result.stderr
+    digests = tmp_path / "digests"
+    shutil.copytree(pro["digests"], digests)
+    flip_one_byte(digests, "model.layers.2.mlp.up_proj.weight")
+    result = runner.invoke(app, ["verify-frozen", "--map", str(digests), "--trained", str(digests)])
+    assert result.exit_code == 1 and "model.layers.2.mlp.up_proj.weight" in result.stdout
