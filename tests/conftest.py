@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in 4-layer demo checkpoint (no transformers needed); read-only, shared by the session."""
+    from llamapro_cli.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo", layers=4)
+
+
+@pytest.fixture
+def src(demo: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo checkpoint, for tests that corrupt, lock or compare their input."""
+    root = tmp_path / "in"
+    shutil.copytree(demo, root)
+    return root

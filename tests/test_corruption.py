@@ -26,16 +26,10 @@ import pytest
 from typer.testing import CliRunner
 
 from llamapro_cli.cli import app
-from llamapro_cli.demo import write_demo_checkpoint
 
 S1 = "model-00001-of-00002.safetensors"
 S2 = "model-00002-of-00002.safetensors"
 INDEX = "model.safetensors.index.json"
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_checkpoint(tmp_path_factory.mktemp("corruption") / "demo", layers=4)
 
 
 # --- byte-level helpers (the cases must break exactly one thing) ----------------------------------------

@@ -25,19 +25,7 @@ from llamapro_cli.errors import OutputError, UsageError
 from llamapro_cli.expand import expand
 from llamapro_cli.safetensors_io import read_header
 
-CORE_VARIANTS = [
-    ("llama", "default"),
-    ("llama", "tied"),
-    ("llama", "bias"),
-    ("llama", "sharded"),
-    ("mistral", "default"),
-    ("qwen2", "default"),
-    ("qwen2", "sliding"),
-    ("qwen2", "sliding_legacy"),
-    ("qwen3", "sliding"),
-    ("qwen3", "sliding_legacy"),
-    ("internlm3", "qkv_bias"),
-]
+CORE_VARIANTS = tiny_models.all_variants(tiny_models.CORE_FAMILIES)
 PLANS: dict[str, dict[str, Any]] = {
     "every2": {"every": 2},
     "every3-copies2": {"every": 3, "copies": 2},

@@ -28,24 +28,10 @@ import pytest
 from typer.testing import CliRunner
 
 from llamapro_cli.cli import app
-from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.outdir import MARKER
 
 # 4 layers -> 6 layers: a 9.8 MB output shard; 256 KiB chunks with 0.1 s pauses take about 4 s to copy.
 SLOW = {"LLAMAPRO_COPY_CHUNK": str(256 * 1024), "LLAMAPRO_TEST_CHUNK_DELAY": "0.1"}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_checkpoint(tmp_path_factory.mktemp("faults") / "demo", layers=4)
-
-
-@pytest.fixture
-def src(demo: Path, tmp_path: Path) -> Path:
-    """A private copy of the demo checkpoint, whose digest every test compares at its end."""
-    root = tmp_path / "in"
-    shutil.copytree(demo, root)
-    return root
 
 
 def digest(root: Path) -> dict[str, str]:

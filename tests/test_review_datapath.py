@@ -16,20 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from llamapro_cli.demo import write_demo_checkpoint
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_checkpoint(tmp_path_factory.mktemp("review") / "demo", layers=4)
-
-
-@pytest.fixture
-def src(demo: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "in"
-    shutil.copytree(demo, root)
-    return root
-
 
 def _expand(src: Path, out: Path, prefix: list[str] | None = None, **kw: object) -> tuple[int, str, str]:
     cmd = [*(prefix or []), sys.executable, "-m", "llamapro_cli", "expand", "--every", "2"]
