@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,18 @@ def src(demo: Path, tmp_path: Path) -> Path:
     root = tmp_path / "in"
     shutil.copytree(demo, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def unprivileged() -> list[str]:
+    """A command prefix under which root obeys file permissions (setpriv drops the DAC capabilities);
+    empty when not root. Skips where the capabilities cannot be dropped."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permissions cannot be enforced")
+    drop = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    if subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv cannot drop capabilities here")
+    return drop

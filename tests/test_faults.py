@@ -283,25 +283,12 @@ def test_file_size_limit_is_an_output_error(src: Path, tmp_path: Path) -> None:
     assert digest(src) == before
 
 
-def _without_dac_override() -> list[str]:
-    """A command prefix under which root obeys file permissions (setpriv drops the DAC capabilities)."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: permissions cannot be enforced")
-    drop = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
-    if subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
-        pytest.skip("setpriv cannot drop capabilities here")
-    return drop
-
-
-def test_unwritable_target_folder(src: Path, tmp_path: Path) -> None:
+def test_unwritable_target_folder(src: Path, tmp_path: Path, unprivileged: list[str]) -> None:
     before, locked = digest(src), tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        rc, stdout, stderr = finish(start([*_without_dac_override(), *expand_cmd(src, locked / "out")]))
+        rc, stdout, stderr = finish(start([*unprivileged, *expand_cmd(src, locked / "out")]))
     finally:
         locked.chmod(0o755)
     assert rc == 4, stderr

@@ -7,9 +7,7 @@ the one-line error are the ones a user sees.
 
 from __future__ import annotations
 
-import os
 import resource
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,30 +36,19 @@ def _no_leftovers(out: Path) -> None:
     assert list(out.parent.glob(out.name + ".partial-*")) == []
 
 
-def _without_dac_override() -> list[str]:
-    """A command prefix under which root obeys file permissions (setpriv drops the DAC capabilities)."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: permissions cannot be enforced")
-    drop = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
-    if subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
-        pytest.skip("setpriv cannot drop capabilities here")
-    return drop
-
-
 # --- carried-over files: their I/O errors were internal errors (exit 101) -------------------------------
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "README.md"])
-def test_unreadable_companion_file_is_an_input_error(src: Path, tmp_path: Path, name: str) -> None:
+def test_unreadable_companion_file_is_an_input_error(
+    src: Path, tmp_path: Path, name: str, unprivileged: list[str]
+) -> None:
     # Found by review: shutil.copyfile / read_text raised a bare PermissionError, which the CLI reports
     # as "internal error ... report it" with exit 101.
     (src / name).write_text("{}")
     (src / name).chmod(0)
     out = tmp_path / "out"
-    rc, stdout, stderr = _expand(src, out, _without_dac_override())
+    rc, stdout, stderr = _expand(src, out, unprivileged)
     assert rc == 3, stderr
     _one_error(stderr, f"cannot read {src / name}", "Permission denied")
     assert stdout == ""
