@@ -10,19 +10,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-
 # Light verbs (no torch) are imported eagerly: `expand` must shadow the submodule of the same name.
-from .describe import describe_checkpoint
-from .expand import expand
-from .plan import plan_expansion
+from llamapro_cli.describe import describe_checkpoint
+from llamapro_cli.expand import expand
+from llamapro_cli.plan import plan_expansion
+from llamapro_cli.version import __version__
 
 # Verbs that may pull in torch load on first use.
 _API = {
-    "verify_identity": "verify",
-    "freeze_map": "freeze",
-    "apply_freeze_map": "freeze",
-    "verify_frozen": "frozen",
+    "verify_identity": "verify.identity",
+    "freeze_map": "freeze.map",
+    "apply_freeze_map": "freeze.map",
+    "verify_frozen": "freeze.audit",
 }
 __all__ = ["__version__", "describe_checkpoint", "expand", "plan_expansion", *_API]
 

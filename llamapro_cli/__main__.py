@@ -1,5 +1,5 @@
 """`python -m llamapro_cli` runs the CLI."""
 
-from .cli import main
+from llamapro_cli.cli.app import main
 
 main()

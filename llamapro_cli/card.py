@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import OutputError
-from .plan import ExpansionPlan, PlanKind
+from llamapro_cli.errors import OutputError
+from llamapro_cli.plan import ExpansionPlan, PlanKind
+from llamapro_cli.version import __version__
 
 TAGS = ("llama-pro", "block-expansion")
 PAPER = "https://arxiv.org/abs/2401.02415"

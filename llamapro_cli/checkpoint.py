@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import Family, extra_layers, family_for, num_layers
-from .errors import InputError, UnsupportedError
-from .outdir import is_partial
-from .safetensors_io import Header, TensorInfo, read_header
+from llamapro_cli.architectures.registry import Family, extra_layers, family_for, num_layers
+from llamapro_cli.errors import InputError, UnsupportedError
+from llamapro_cli.io.header import Header, TensorInfo, read_header
+from llamapro_cli.io.outdir import is_partial
 
 # headers by shard file, weight_map (tensor -> shard), sharded?, index metadata
 Weights = tuple[dict[str, Header], dict[str, str], bool, dict[str, Any]]

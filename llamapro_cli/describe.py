@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .architectures import layer_kinds, pattern_warnings
-from .checkpoint import Checkpoint
+from llamapro_cli.architectures.registry import layer_kinds, pattern_warnings
+from llamapro_cli.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def describe_checkpoint(source: str | Path | Checkpoint, *, revision: str | None
 def _open(source: str | Path, revision: str | None) -> Checkpoint:
     if Path(source).expanduser().is_dir():
         return Checkpoint.open(source, revision=revision)
-    from .hub import open_for_inspect  # imports huggingface_hub: only for repo ids
+    from llamapro_cli.hub import open_for_inspect  # imports huggingface_hub: only for repo ids
 
     return open_for_inspect(source, revision=revision)
 

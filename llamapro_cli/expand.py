@@ -24,15 +24,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .architectures import renumber_extra
-from .card import CardFacts, write_model_card
-from .checkpoint import INDEX_NAME, PROVENANCE_NAME, Checkpoint, within_checkpoint
-from .errors import InputError, OutputError, UsageError
-from .outdir import atomic_output, check_disjoint, free_space
-from .plan import ExpansionPlan, NewLayer, Placement, plan_expansion
-from .rewrite import rewrite_config
-from .safetensors_io import OutTensor, header_bytes, write_shard
+from llamapro_cli.architectures.registry import renumber_extra
+from llamapro_cli.architectures.rewrite import rewrite_config
+from llamapro_cli.card import CardFacts, write_model_card
+from llamapro_cli.checkpoint import INDEX_NAME, PROVENANCE_NAME, Checkpoint, within_checkpoint
+from llamapro_cli.errors import InputError, OutputError, UsageError
+from llamapro_cli.io.header import OutTensor, header_bytes, write_shard
+from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
+from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, plan_expansion
+from llamapro_cli.version import __version__
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 

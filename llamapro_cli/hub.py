@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .checkpoint import (
+from llamapro_cli.checkpoint import (
     INDEX_NAME,
     PROVENANCE_NAME,
     Checkpoint,
@@ -38,9 +37,10 @@ from .checkpoint import (
     hub_offline,
     resolve,
 )
-from .errors import InputError, OutputError, UsageError
-from .outdir import MARKER, is_partial
-from .safetensors_io import DTYPE_BITS, Header, TensorInfo, tensor_nbytes
+from llamapro_cli.errors import InputError, OutputError, UsageError
+from llamapro_cli.io.header import DTYPE_BITS, Header, TensorInfo, tensor_nbytes
+from llamapro_cli.io.outdir import MARKER, is_partial
+from llamapro_cli.version import __version__
 
 # Exception class names (anywhere in the MRO) that mean "the hub cannot be reached", across the
 # HTTP clients huggingface_hub has used (requests, httpx and its vendored fork).

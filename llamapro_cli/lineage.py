@@ -15,9 +15,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint
-from .errors import InputError
-from .plan import ExpansionPlan, NewLayer, PlanKind
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.errors import InputError
+from llamapro_cli.plan import ExpansionPlan, NewLayer, PlanKind
 
 CHUNK = 16 * 1024 * 1024
 FINGERPRINT_BYTES = 64 * 1024

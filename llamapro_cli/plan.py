@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .errors import UsageError
+from llamapro_cli.errors import UsageError
 
 
 class Placement(StrEnum):

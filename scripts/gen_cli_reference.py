@@ -34,7 +34,7 @@ zsh, fish, PowerShell); `llamapro --show-completion` prints the script instead.
 
 def command_names() -> list[str]:
     """The visible commands, in the order `llamapro --help` lists them."""
-    from llamapro_cli.cli import app
+    from llamapro_cli.cli.app import app
 
     group = typer.main.get_command(app)
     commands = getattr(group, "commands", {})
@@ -42,7 +42,7 @@ def command_names() -> list[str]:
 
 
 def help_text(args: list[str]) -> str:
-    from llamapro_cli.cli import app
+    from llamapro_cli.cli.app import app
 
     result = CliRunner().invoke(app, [*args, "--help"], env=ENV, prog_name="llamapro")
     if result.exit_code != 0:

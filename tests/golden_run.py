@@ -32,7 +32,9 @@ COMMANDS = (
 # Values that legitimately change from run to run.
 VOLATILE_KEYS = ("seconds", "peak_rss_bytes", "peak_gpu_bytes", "created", "free_space")
 _TIME = re.compile(r"\b\d+(?:\.\d+)? ?(?:s|ms)\b")
-_RSS = re.compile(r"RSS +\d+(?:\.\d+)? ?(?:MB|GB)|\d+(?:\.\d+)? ?(?:MB|GB) (?:peak )?RSS|\d+(?:\.\d+)? GB free")
+_RSS = re.compile(
+    r"RSS +\d+(?:\.\d+)? ?(?:MB|GB)|\d+(?:\.\d+)? ?(?:MB|GB) (?:peak )?RSS|\d+(?:\.\d+)? GB free"
+)
 
 
 def _scrub_json(value: object) -> object:

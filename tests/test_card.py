@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from llamapro_cli.card import CardFacts, card_data, model_card, plan_options
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.plan import plan_expansion
 

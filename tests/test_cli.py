@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 
 
@@ -109,7 +109,7 @@ def test_help_lists_commands_and_exit_codes() -> None:
 _PROBE = """
 import sys
 from typer.testing import CliRunner
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
 r = CliRunner().invoke(app, sys.argv[1:])
 heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
 print(f"{r.exit_code}|{','.join(heavy)}")

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from safetensors import safe_open
 
-from llamapro_cli import direct_io
-from llamapro_cli import safetensors_io as sio
-from llamapro_cli.direct_io import ALIGN, HOLE_MIN
 from llamapro_cli.errors import InputError, OutputError
-from llamapro_cli.safetensors_io import OutTensor, header_bytes, read_header, write_shard
+from llamapro_cli.io import direct as direct_io
+from llamapro_cli.io import header as sio
+from llamapro_cli.io.direct import ALIGN, HOLE_MIN
+from llamapro_cli.io.header import OutTensor, header_bytes, read_header, write_shard
 
 MiB = 1 << 20
 

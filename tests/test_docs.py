@@ -18,7 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -73,10 +73,10 @@ def test_every_command_is_documented_by_hand() -> None:
 def _reports() -> dict[str, type]:
     from llamapro_cli.describe import InspectReport
     from llamapro_cli.expand import ExpandReport
-    from llamapro_cli.freeze import FreezeMap
-    from llamapro_cli.frozen import FrozenReport
+    from llamapro_cli.freeze.audit import FrozenReport
+    from llamapro_cli.freeze.map import FreezeMap
     from llamapro_cli.hub import PushReport
-    from llamapro_cli.verify import IdentityReport
+    from llamapro_cli.verify.identity import IdentityReport
 
     return {
         "llamapro inspect --json": InspectReport,

@@ -20,10 +20,10 @@ import tiny_models
 from typer.testing import CliRunner
 
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
 from llamapro_cli.errors import OutputError, UsageError
 from llamapro_cli.expand import expand
-from llamapro_cli.safetensors_io import read_header
+from llamapro_cli.io.header import read_header
 
 CORE_VARIANTS = tiny_models.all_variants(tiny_models.CORE_FAMILIES)
 PLANS: dict[str, dict[str, Any]] = {

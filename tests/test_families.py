@@ -27,9 +27,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from llamapro_cli import architectures as arch
+from llamapro_cli.architectures import registry as arch
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
 from llamapro_cli.expand import expand
 
 pytestmark = pytest.mark.hf

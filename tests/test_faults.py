@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llamapro_cli.cli import app
-from llamapro_cli.outdir import MARKER
+from llamapro_cli.cli.app import app
+from llamapro_cli.io.outdir import MARKER
 
 # 4 layers -> 6 layers: a 9.8 MB output shard; 256 KiB chunks with 0.1 s pauses take about 4 s to copy.
 SLOW = {"LLAMAPRO_COPY_CHUNK": str(256 * 1024), "LLAMAPRO_TEST_CHUNK_DELAY": "0.1"}
@@ -214,7 +214,7 @@ EXPAND_ARGS = ["expand", "--every", "2", "--in", "{src}", "--out", "{out}"]
 OUTSIDE_THE_COPY = {
     "during-inspect": ("llamapro_cli.describe", "describe_checkpoint", ["inspect", "{src}"], signal.SIGINT),
     "before-the-copy": ("llamapro_cli.expand", "_prepare", EXPAND_ARGS, signal.SIGTERM),
-    "after-the-copy": ("llamapro_cli.output", "render_expand", EXPAND_ARGS, signal.SIGINT),
+    "after-the-copy": ("llamapro_cli.cli.output", "render_expand", EXPAND_ARGS, signal.SIGINT),
 }
 
 
@@ -233,7 +233,7 @@ def test_interrupts_outside_the_copy(src: Path, tmp_path: Path, when: str) -> No
             os.kill(os.getpid(), {int(signum)})
             return real(*args, **kwargs)
         setattr(module, {name!r}, hooked)
-        from llamapro_cli.cli import main
+        from llamapro_cli.cli.app import main
         sys.argv = ["llamapro", *{argv!r}]
         main()
         """

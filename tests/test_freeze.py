@@ -27,13 +27,13 @@ from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
+from llamapro_cli.cli.output import to_jsonable
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.expand import expand
-from llamapro_cli.freeze import ManifestMismatch, apply_freeze_map, freeze_map, load_manifest
-from llamapro_cli.frozen import verify_frozen
-from llamapro_cli.output import to_jsonable
-from llamapro_cli.trainers import Format, Snippet, has_fused_experts, render
+from llamapro_cli.freeze.audit import verify_frozen
+from llamapro_cli.freeze.map import ManifestMismatch, apply_freeze_map, freeze_map, load_manifest
+from llamapro_cli.freeze.trainers import Format, Snippet, has_fused_experts, render
 
 pytestmark = pytest.mark.hf
 

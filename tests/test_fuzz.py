@@ -29,8 +29,8 @@ import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamapro_cli import output
 from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.cli import output as output
 from llamapro_cli.describe import describe_checkpoint
 from llamapro_cli.errors import LlamaproError
 from llamapro_cli.expand import expand

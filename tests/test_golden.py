@@ -1,7 +1,8 @@
 """What a user sees must not change by accident: the golden transcript (every `--help`, `inspect`,
 `expand --dry-run`, `expand` with the written files' hashes, `freeze-map` in every format, `verify-identity`
 and `verify-frozen` on the demo checkpoint) equals the stored one, apart from times, paths and memory.
-After an intended change: `.venv/bin/python tests/golden_run.py --update`, then review `git diff tests/golden`."""
+After an intended change: `.venv/bin/python tests/golden_run.py --update`, then review
+`git diff tests/golden`."""
 
 from __future__ import annotations
 

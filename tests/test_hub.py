@@ -23,7 +23,7 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 from typer.testing import CliRunner
 
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.expand import expand
 

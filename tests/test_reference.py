@@ -24,8 +24,8 @@ from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.errors import InputError, UnsupportedError
 from llamapro_cli.expand import expand
 from llamapro_cli.plan import ExpansionPlan, plan_expansion
-from llamapro_cli.reference import LockstepResult, cached_logits, forward_logits, run_lockstep
-from llamapro_cli.refspec import MODELING, read_spec
+from llamapro_cli.verify.lockstep import LockstepResult, cached_logits, forward_logits, run_lockstep
+from llamapro_cli.verify.spec import MODELING, read_spec
 
 try:  # the oracle needs transformers; without it only the non-hf tests are collected with cases
     import tiny_models

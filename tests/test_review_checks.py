@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llamapro_cli.expand import expand
-from llamapro_cli.verify import verify_identity
+from llamapro_cli.verify.identity import verify_identity
 
 ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
 
@@ -69,7 +69,7 @@ def test_changed_head_of_a_tied_model_is_not_an_extra(
     frozen embedding matrix there, or the frozen head changed."""
     from safetensors.torch import load_file, save_file
 
-    from llamapro_cli.frozen import verify_frozen
+    from llamapro_cli.freeze.audit import verify_frozen
 
     expand(tiny_model("llama", "tied"), tmp_path / "pro", every=2, digests=True)
     state = load_file(tmp_path / "pro" / "model.safetensors")
@@ -96,9 +96,9 @@ def test_window_of_layers_with_several_kind_words_is_active(
 ) -> None:
     """Layer kinds join one word per per-layer field ("rope moe chunked_attention"): a chunked or sliding
     layer among them still makes its window active, so the prefill goes past it (or a warning says not)."""
-    from llamapro_cli.architectures import layer_kinds
+    from llamapro_cli.architectures.registry import layer_kinds
     from llamapro_cli.checkpoint import Checkpoint
-    from llamapro_cli.tokens import active_window
+    from llamapro_cli.verify.inputs import active_window
 
     ckpt = Checkpoint.open(tiny_model(family))
     kinds = layer_kinds(ckpt.family, ckpt.config) or []
@@ -114,7 +114,7 @@ def test_tied_weights_saved_under_the_head_name_stand_for_the_embeddings(
     matrix is then saved as lm_head.weight only. It is the embedding matrix, not a missing tensor."""
     from safetensors.torch import load_file, save_file
 
-    from llamapro_cli.frozen import verify_frozen
+    from llamapro_cli.freeze.audit import verify_frozen
 
     expand(tiny_model("llama", "tied"), tmp_path / "pro", every=2, digests=True)
     state = load_file(tmp_path / "pro" / "model.safetensors")

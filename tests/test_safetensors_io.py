@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from llamapro_cli import safetensors_io as sio
 from llamapro_cli.errors import InputError, OutputError
-from llamapro_cli.safetensors_io import (
+from llamapro_cli.io import header as sio
+from llamapro_cli.io.header import (
     DTYPE_BITS,
     MAX_HEADER_SIZE,
     OutTensor,
@@ -353,7 +353,7 @@ def test_rlimit_fsize_is_output_error(tmp_path: Path) -> None:
         import resource
         from pathlib import Path
         from llamapro_cli.errors import OutputError
-        from llamapro_cli.safetensors_io import OutTensor, write_shard
+        from llamapro_cli.io.header import OutTensor, write_shard
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
         src = Path({str(source)!r})
         try:

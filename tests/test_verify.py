@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from llamapro_cli import structural, tokens
-from llamapro_cli.cli import app
+from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.expand import expand
-from llamapro_cli.verify import verify_identity
+from llamapro_cli.verify import inputs as tokens
+from llamapro_cli.verify import structural as structural
+from llamapro_cli.verify.identity import verify_identity
 
 AFTER = (1, 3)  # copies right after layers 1 and 3: breaks qwen's sliding threshold at 3
 WINDOW = 4  # tiny_models.WINDOW
@@ -137,7 +138,7 @@ def without_provenance(expanded: Path, tmp_path: Path) -> Path:
 def test_variant_list_matches_the_oracle() -> None:
     import tiny_models
 
-    from llamapro_cli.refspec import SUPPORTED_FAMILIES
+    from llamapro_cli.verify.spec import SUPPORTED_FAMILIES
 
     assert set(VARIANTS) <= set(tiny_models.all_variants())
     core = {"internlm3": "llama"}

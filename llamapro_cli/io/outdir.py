@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from .errors import Interrupted, OutputError, UsageError
+from llamapro_cli.errors import Interrupted, OutputError, UsageError
 
 MARKER = ".llamapro-partial"
 PROVENANCE = "llamapro.json"

@@ -25,10 +25,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .architectures import Family
-from .checkpoint import Checkpoint
-from .errors import InputError, UsageError
-from .lineage import layer_mapping, zeroed_layers
+from llamapro_cli.architectures.registry import Family
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.errors import InputError, UsageError
+from llamapro_cli.lineage import layer_mapping, zeroed_layers
 
 MANIFEST_SCHEMA = 1
 MANIFEST_KIND = "llamapro freeze-map"

@@ -16,10 +16,10 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING
 
-from .architectures import layer_kinds
-from .checkpoint import Checkpoint
-from .errors import InputError, UsageError
-from .numerics import Inputs
+from llamapro_cli.architectures.registry import layer_kinds
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.errors import InputError, UsageError
+from llamapro_cli.verify.numerics import Inputs
 
 if TYPE_CHECKING:
     import torch

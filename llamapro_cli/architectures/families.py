@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .architectures import Config, Family, FieldKind, LayerField, Roles
+from llamapro_cli.architectures.registry import Config, Family, FieldKind, LayerField, Roles
 
 # --- formulas, ported from transformers 5.24 configuration_*.py / modeling_*.py ----------------------
 

@@ -40,10 +40,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputError, OutputError
+from llamapro_cli.errors import InputError, OutputError
 
 if TYPE_CHECKING:
-    from .safetensors_io import OutTensor
+    from llamapro_cli.io.header import OutTensor
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks, and page alignment of the buffers
 HOLE_MIN = 1 << 20  # zero runs with less than this in whole blocks are written as zeros, not holes

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .architectures import (
+from llamapro_cli.architectures.registry import (
     GENERIC_FIELDS,
     Family,
     FieldKind,
@@ -35,11 +35,11 @@ from .architectures import (
     effective_values,
     renumber_extra,
 )
-from .checkpoint import Checkpoint
-from .errors import LlamaproError
-from .lineage import read_range, tensor_is_zero
-from .plan import ExpansionPlan, NewLayer
-from .rewrite import rewrite_config
+from llamapro_cli.architectures.rewrite import rewrite_config
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.errors import LlamaproError
+from llamapro_cli.lineage import read_range, tensor_is_zero
+from llamapro_cli.plan import ExpansionPlan, NewLayer
 
 CHUNK = 16 * 1024 * 1024
 # Config keys that record how a file was written, not what the model computes.

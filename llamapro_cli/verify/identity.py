@@ -30,13 +30,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import PROVENANCE_NAME, Checkpoint
-from .errors import InputError, UnsupportedError, UsageError
-from .lineage import LayerMapping, layer_mapping
-from .numerics import Inputs, Numbers, compare_hf, run_native
-from .plan import ExpansionPlan
-from .structural import StructuralResult, check_structure
-from .tokens import make_inputs
+from llamapro_cli.checkpoint import PROVENANCE_NAME, Checkpoint
+from llamapro_cli.errors import InputError, UnsupportedError, UsageError
+from llamapro_cli.lineage import LayerMapping, layer_mapping
+from llamapro_cli.plan import ExpansionPlan
+from llamapro_cli.verify.inputs import make_inputs
+from llamapro_cli.verify.numerics import Inputs, Numbers, compare_hf, run_native
+from llamapro_cli.verify.structural import StructuralResult, check_structure
 
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -210,7 +210,7 @@ def _hf_config_reader() -> Callable[[Mapping[str, Any]], Mapping[str, Any] | Non
     def read(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
         from transformers import AutoConfig
 
-        from .numerics import _quiet_transformers
+        from llamapro_cli.verify.numerics import _quiet_transformers
 
         values = dict(config)
         model_type = values.pop("model_type")
@@ -339,7 +339,7 @@ def _engine(choice: Engine, exp: Checkpoint) -> Engine:
             hint="pip install 'llamapro-cli[hf]', or use --engine native",
         )
     if choice is Engine.NATIVE:
-        from .refspec import SUPPORTED_FAMILIES
+        from llamapro_cli.verify.spec import SUPPORTED_FAMILIES
 
         if exp.family.name not in SUPPORTED_FAMILIES:
             raise UnsupportedError(

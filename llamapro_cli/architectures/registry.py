@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from .errors import UnsupportedError
+from llamapro_cli.errors import UnsupportedError
 
 Config = Mapping[str, Any]
 COMPAT_DOC = "docs/compatibility.md"
@@ -150,7 +150,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _families() -> tuple[Family, ...]:
-    from .families import FAMILIES as records
+    from llamapro_cli.architectures.families import FAMILIES as records
 
     return records
 

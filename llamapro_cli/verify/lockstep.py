@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Checkpoint
-from .errors import InputError, UnsupportedError
-from .plan import ExpansionPlan
-from .refspec import KV, MLP, QKV, read_spec
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.errors import InputError, UnsupportedError
+from llamapro_cli.plan import ExpansionPlan
+from llamapro_cli.verify.spec import KV, MLP, QKV, read_spec
 
 LOGIT_CHUNK_BYTES = 64 << 20  # the head writes at most this many bytes of logits at a time
 Progress = Callable[[int, int], None]  # (blocks run, blocks in all passes)

@@ -24,13 +24,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError
+from llamapro_cli.errors import InputError
 
 if TYPE_CHECKING:
     import torch
 
-    from .checkpoint import Checkpoint
-    from .plan import ExpansionPlan
+    from llamapro_cli.checkpoint import Checkpoint
+    from llamapro_cli.plan import ExpansionPlan
 
 ROWS_PER_CHUNK = 64  # logits rows compared at a time (in float64), to bound memory on large vocabularies
 
@@ -87,7 +87,7 @@ def run_native(
     atol: float,
 ) -> Numbers:
     """The native engine: base and expanded layer by layer in lockstep (`reference.py`)."""
-    from .reference import run_lockstep
+    from llamapro_cli.verify.lockstep import run_lockstep
 
     result = run_lockstep(
         base,

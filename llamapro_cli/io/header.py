@@ -41,8 +41,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .direct_io import ALIGN, DirectWriter, enable_direct
-from .errors import InputError, OutputError
+from llamapro_cli.errors import InputError, OutputError
+from llamapro_cli.io.direct import ALIGN, DirectWriter, enable_direct
 
 # Bits per element. Sub-byte dtypes (F4, F6_*) are packed; a tensor's bit count must fill whole bytes.
 DTYPE_BITS: dict[str, int] = {

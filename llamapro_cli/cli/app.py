@@ -22,8 +22,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from . import __version__
-from .errors import Interrupted, LlamaproError
+from llamapro_cli.errors import Interrupted, LlamaproError
+from llamapro_cli.version import __version__
 
 EXIT_CODES = """Exit codes: 0 success; 1 the check ran and failed;
 2 usage error (incl. a plan that does not fit); 3 bad or unsupported input;
@@ -61,7 +61,7 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from . import output
+        from llamapro_cli.cli import output
 
         try:
             return func(*args, **kwargs)
@@ -110,8 +110,8 @@ def inspect(checkpoint: CheckpointArg, json_: JsonOpt = False, revision: Revisio
     HTTP (config.json, llamapro.json and each shard's header; no weights are downloaded), or from the
     local hub cache when HF_HUB_OFFLINE=1 or the hub cannot be reached.
     """
-    from . import output
-    from .describe import describe_checkpoint
+    from llamapro_cli.cli import output
+    from llamapro_cli.describe import describe_checkpoint
 
     report = describe_checkpoint(checkpoint, revision=revision)
     for warning in report.warnings:
@@ -181,9 +181,9 @@ def expand(
     Streams byte ranges from the input shards (any dtype, memory at the size of the headers) into a
     temporary folder beside --out, renamed into place only when complete. The input is never modified.
     """
-    from . import output
-    from .expand import expand as run_expand
-    from .plan import parse_after
+    from llamapro_cli.cli import output
+    from llamapro_cli.expand import expand as run_expand
+    from llamapro_cli.plan import parse_after
 
     _check_push_options(push_to_hub, private=private, branch=push_branch, dry_run=dry_run)
     command = "llamapro " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -270,9 +270,9 @@ def verify_identity(
     tokens: a full forward, cached decoding past every sliding window, and greedy decoding, compared
     exactly. Without llamapro.json, --in is required and the layer mapping is inferred from the zeros.
     """
-    from . import output
-    from .errors import CheckFailed
-    from .verify import verify_identity as run_verify
+    from llamapro_cli.cli import output
+    from llamapro_cli.errors import CheckFailed
+    from llamapro_cli.verify.identity import verify_identity as run_verify
 
     with output.progress("verify-identity", quiet=quiet or json_) as progress:
         report = run_verify(
@@ -342,10 +342,10 @@ def freeze_map(
     all zero). Every trainer snippet is checked against that trainer's own matching rule on the
     model's parameter names before it is printed, and carries the resolved counts in a comment.
     """
-    from . import output
-    from .errors import UsageError
-    from .freeze import freeze_map as build_map
-    from .trainers import Format, parse_format, render
+    from llamapro_cli.cli import output
+    from llamapro_cli.errors import UsageError
+    from llamapro_cli.freeze.map import freeze_map as build_map
+    from llamapro_cli.freeze.trainers import Format, parse_format, render
 
     fmt = parse_format(format_)
     if json_ and fmt not in (Format.TEXT, Format.JSON):
@@ -395,9 +395,9 @@ def verify_frozen(
     module.) are stripped, and tensors saved in another dtype (fp32 copies of bf16) are converted back
     with an exact round-trip check. New layers that did not change at all are a warning.
     """
-    from . import output
-    from .errors import CheckFailed
-    from .frozen import verify_frozen as run_verify
+    from llamapro_cli.cli import output
+    from llamapro_cli.errors import CheckFailed
+    from llamapro_cli.freeze.audit import verify_frozen as run_verify
 
     with output.progress("verify-frozen", quiet=quiet or json_) as progress:
         report = run_verify(map_, trained, also=also.split(",") if also else (), progress=progress)
@@ -416,7 +416,7 @@ def verify_frozen(
 
 def _check_push_options(repo_id: str | None, *, private: bool, branch: str | None, dry_run: bool) -> None:
     """Before any work: push options make sense together, and the push can succeed (repo id, token)."""
-    from .errors import UsageError
+    from llamapro_cli.errors import UsageError
 
     if repo_id is None:
         if private or branch:
@@ -424,15 +424,15 @@ def _check_push_options(repo_id: str | None, *, private: bool, branch: str | Non
         return
     if dry_run:
         raise UsageError("--push-to-hub cannot be combined with --dry-run (nothing is written)")
-    from .hub import check_can_push
+    from llamapro_cli.hub import check_can_push
 
     check_can_push(repo_id)
 
 
 def _push_after_expand(folder: Path, repo_id: str, *, private: bool, branch: str | None, quiet: bool) -> None:
-    from . import output
-    from .errors import OutputError
-    from .hub import push_folder
+    from llamapro_cli.cli import output
+    from llamapro_cli.errors import OutputError
+    from llamapro_cli.hub import push_folder
 
     _hub_progress(quiet=quiet)
     try:
@@ -477,8 +477,8 @@ def push(
     Checks the folder first: a complete llamapro output whose config, index and shard headers agree.
     Uses huggingface_hub's folder upload (upload_large_folder where available, else upload_folder).
     """
-    from . import output
-    from .hub import push_folder
+    from llamapro_cli.cli import output
+    from llamapro_cli.hub import push_folder
 
     _hub_progress(quiet=quiet or json_)
     report = push_folder(folder, repo_id, private=private or None, branch=branch)
@@ -499,9 +499,9 @@ def demo_checkpoint(
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
 ) -> None:
     """Write a small Llama checkpoint with seeded random bf16 weights (for demos and trying things out)."""
-    from . import output
-    from .demo import write_demo_checkpoint
-    from .errors import OutputError, UsageError
+    from llamapro_cli.cli import output
+    from llamapro_cli.demo import write_demo_checkpoint
+    from llamapro_cli.errors import OutputError, UsageError
 
     if out.exists():
         raise OutputError(f"{out} already exists", hint="choose a new folder")
@@ -522,7 +522,7 @@ def main() -> None:
     try:
         app()
     except Interrupted as e:
-        from . import output
+        from llamapro_cli.cli import output
 
         output.error(e.message)
         sys.exit(e.exit_code)

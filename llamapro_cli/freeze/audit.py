@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .architectures import FAMILIES
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from .errors import InputError, UsageError
-from .freeze import FreezeMap, TensorEntry, freeze_map, load_manifest
-from .lineage import read_range
-from .safetensors_io import TensorInfo, read_header
+from llamapro_cli.architectures.registry import FAMILIES
+from llamapro_cli.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from llamapro_cli.errors import InputError, UsageError
+from llamapro_cli.freeze.map import FreezeMap, TensorEntry, freeze_map, load_manifest
+from llamapro_cli.io.header import TensorInfo, read_header
+from llamapro_cli.lineage import read_range
 
 CHUNK = 16 * 1024 * 1024
 Progress = Callable[[int, int], None]

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .errors import UsageError
-from .freeze import FreezeMap, Role
+from llamapro_cli.errors import UsageError
+from llamapro_cli.freeze.map import FreezeMap, Role
 
 LORA_RANK = 16  # written into the peft snippet; the adapter counts in its comment assume it
 

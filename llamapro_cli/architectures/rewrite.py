@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .architectures import (  # the per-layer helpers are shared with inspect and verify
+from llamapro_cli.architectures.registry import (  # the per-layer helpers are shared with inspect and verify
     QUANT_NAME_KEYS,
     Config,
     Family,
@@ -31,8 +31,8 @@ from .architectures import (  # the per-layer helpers are shared with inspect an
     effective_values,
     extra_layers,
 )
-from .errors import UnsupportedError, UsageError
-from .plan import ExpansionPlan
+from llamapro_cli.errors import UnsupportedError, UsageError
+from llamapro_cli.plan import ExpansionPlan
 
 
 def rewrite_config(family: Family, config: Config, plan: ExpansionPlan) -> tuple[dict[str, Any], list[str]]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
-from .errors import InputError, UnsupportedError
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.errors import InputError, UnsupportedError
 
 # model_type -> the modeling code that runs it (InternLM3 is served by the Llama classes).
 MODELING = {"llama": "llama", "internlm3": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
