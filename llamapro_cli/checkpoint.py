@@ -24,6 +24,7 @@ from llamapro_cli.architectures.registry import Family, extra_layers, family_for
 from llamapro_cli.errors import InputError, UnsupportedError
 from llamapro_cli.io.header import Header, TensorInfo, read_header
 from llamapro_cli.io.outdir import is_partial
+from llamapro_cli.provenance import Provenance, RecordError
 
 # headers by shard file, weight_map (tensor -> shard), sharded?, index metadata
 Weights = tuple[dict[str, Header], dict[str, str], bool, dict[str, Any]]
@@ -60,7 +61,7 @@ class Checkpoint:
     headers: dict[str, Header]
     weight_map: dict[str, str]
     sharded: bool
-    provenance: dict[str, Any] | None = None
+    provenance: Provenance | None = None
     repo_id: str | None = None
     revision: str | None = None
     index_metadata: dict[str, Any] = field(default_factory=dict)
@@ -299,48 +300,15 @@ def _short_json(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _read_provenance(root: Path) -> dict[str, Any] | None:
+def _read_provenance(root: Path) -> Provenance | None:
     path = root / PROVENANCE_NAME
     if not path.exists():
         return None
     record, _ = _read_json(path, "the llamapro provenance record")
-    if not isinstance(record, dict) or not isinstance(record.get("schema_version"), int):
-        raise InputError(f"{path}: not a llamapro provenance record (no schema_version)")
-    generation: Any = record
-    while generation is not None:  # the record and every nested parent record
-        problem = _record_problem(generation)
-        if problem:
-            raise InputError(f"{path}: malformed llamapro provenance record ({problem})")
-        generation = generation.get("parent")
-    return record
-
-
-def _record_problem(record: Any) -> str | None:
-    """What is wrong with one generation of a llamapro.json record (the fields readers rely on)."""
-    if not isinstance(record, dict):
-        return "a parent record is not an object"
-    layers = record.get("layers")
-    if not isinstance(layers, list) or not all(_layer_entry_ok(x) for x in layers):
-        return "layers is not a list of {index, source, identity} entries"
-    for key in ("source", "plan"):
-        if not isinstance(record.get(key), dict):
-            return f"{key} is not an object"
-    if type(record["source"].get("num_layers")) is not int:
-        return "source.num_layers is not an integer"
-    if not isinstance(record.get("digests"), dict | None) or not isinstance(
-        record.get("parent"), dict | None
-    ):
-        return "digests or parent is neither an object nor null"
-    return None
-
-
-def _layer_entry_ok(entry: Any) -> bool:
-    return (
-        isinstance(entry, dict)
-        and type(entry.get("index")) is int
-        and type(entry.get("source")) is int
-        and type(entry.get("identity")) is bool
-    )
+    try:
+        return Provenance.from_json(record)
+    except RecordError as e:
+        raise InputError(f"{path}: {e}") from e
 
 
 def _read_weights(root: Path) -> Weights:
@@ -394,7 +362,7 @@ def _read_sharded(
         if not shard_path.is_file():
             raise InputError(f"{index_path}: names shard {shard}, which is not a regular file")
         headers[shard] = read_header(shard_path)
-    _cross_check(index_path, weight_map, headers)
+    cross_check(index_path, weight_map, headers)
     meta = index.get("metadata")
     return headers, dict(weight_map), True, dict(meta) if isinstance(meta, Mapping) else {}
 
@@ -404,7 +372,7 @@ def _check_plain_name(index_path: Path, name: str) -> None:
         raise InputError(f"{index_path}: shard name {name!r} is not a plain file name inside the folder")
 
 
-def _cross_check(index_path: Path, weight_map: Mapping[str, str], headers: Mapping[str, Header]) -> None:
+def cross_check(index_path: Path, weight_map: Mapping[str, str], headers: Mapping[str, Header]) -> None:
     seen: dict[str, str] = {}
     for shard, header in headers.items():  # duplicates first: they make the index ambiguous
         for name in header.tensors:

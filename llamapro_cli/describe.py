@@ -13,6 +13,7 @@ from typing import Any
 
 from llamapro_cli.architectures.registry import layer_kinds, pattern_warnings
 from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.provenance import Provenance
 
 
 @dataclass(frozen=True)
@@ -118,22 +119,16 @@ def _tied(ckpt: Checkpoint) -> bool:
     return bool(tied) or not has_head
 
 
-def _expansion(record: dict[str, Any] | None) -> Expansion | None:
-    if not record:
+def _expansion(record: Provenance | None) -> Expansion | None:
+    if record is None:
         return None
-    layers = record.get("layers") or []
-    new = tuple(int(x["index"]) for x in layers if x.get("identity"))
-    src = record.get("source") or {}
-    generations, parent = 1, record.get("parent")
-    while isinstance(parent, dict):
-        generations, parent = generations + 1, parent.get("parent")
     return Expansion(
-        tool=str(record.get("tool")),
-        source=src.get("repo_id") or src.get("path"),
-        num_layers_in=int(src.get("num_layers") or 0),
-        plan=dict(record.get("plan") or {}),
-        new_layers=new,
-        sources=tuple(int(x["source"]) for x in layers if x.get("identity")),
-        digests=bool(record.get("digests")),
-        generations=generations,
+        tool=str(record.tool),
+        source=record.source.repo_id or record.source.path,
+        num_layers_in=record.source.num_layers,
+        plan=record.plan.to_json(),
+        new_layers=record.new_layers,
+        sources=tuple(x.source for x in record.layers if x.identity),
+        digests=record.digests is not None,
+        generations=len(list(record.generations())),
     )

@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from llamapro_cli.errors import InputError, OutputError, UsageError
 from llamapro_cli.io.header import OutTensor, header_bytes, write_shard
 from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
 from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, plan_expansion
+from llamapro_cli.provenance import ALGORITHM, SCHEMA_VERSION, Digests, PlanRecord, Provenance, SourceRecord
 from llamapro_cli.version import __version__
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -57,7 +58,6 @@ CARRY_PATTERNS = (
 _OWN_FILES = re.compile(
     r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|README\.md)$"
 )
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,7 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
 
     meta = job.metadata()
     record = _provenance(job)
-    meta["llamapro_provenance_sha256"] = _sha256_json(record)
+    meta["llamapro_provenance_sha256"] = _sha256_json(record.to_json())
     hashes: dict[str, str] = {}
     for name, tensors in job.shards:
         # align=None: header padded so the direct-I/O engine reads most tensors straight into place.
@@ -344,8 +344,8 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
         _write_index(tmp / INDEX_NAME, job)
     _write_json(tmp / "config.json", job.config)
     if digests:
-        record["digests"] = {"algorithm": "sha256", "tensors": hashes}
-    _write_json(tmp / PROVENANCE_NAME, record)
+        record = replace(record, digests=Digests(ALGORITHM, hashes))
+    _write_json(tmp / PROVENANCE_NAME, record.to_json())
     for name in job.carried:
         _carry(job.ckpt.root / name, tmp / name)
 
@@ -373,29 +373,28 @@ def _write_index(path: Path, job: _Job) -> None:
     _write_json(path, index)
 
 
-def _provenance(job: _Job) -> dict[str, Any]:
-    ckpt = job.ckpt
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": f"llamapro {__version__}",
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": job.command,
-        "source": {
-            "path": None if ckpt.repo_id else str(ckpt.root),
-            "repo_id": ckpt.repo_id,
-            "revision": ckpt.revision,
-            "config_sha256": ckpt.config_sha256,
-            "architecture": ckpt.family.name,
-            "num_layers": ckpt.num_layers,
-        },
-        "plan": job.plan.to_record(),
-        "layer_prefix": ckpt.family.layer_prefix,
-        "num_layers": job.plan.num_layers_out,
-        "layers": [asdict(layer) for layer in job.plan.layers],
-        "zeroed": list(job.zeroed),
-        "digests": None,
-        "parent": ckpt.provenance,
-    }
+def _provenance(job: _Job) -> Provenance:
+    ckpt, plan = job.ckpt, job.plan
+    return Provenance(
+        schema_version=SCHEMA_VERSION,
+        tool=f"llamapro {__version__}",
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=job.command,
+        source=SourceRecord(
+            path=None if ckpt.repo_id else str(ckpt.root),
+            repo_id=ckpt.repo_id,
+            revision=ckpt.revision,
+            config_sha256=ckpt.config_sha256,
+            architecture=ckpt.family.name,
+            num_layers=ckpt.num_layers,
+        ),
+        plan=PlanRecord.of(plan),
+        layer_prefix=ckpt.family.layer_prefix,
+        num_layers=plan.num_layers_out,
+        layers=plan.layers,
+        zeroed=job.zeroed,
+        parent=ckpt.provenance,
+    )
 
 
 def _sha256_json(record: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ from llamapro_cli.checkpoint import (
     INDEX_NAME,
     PROVENANCE_NAME,
     Checkpoint,
-    _cross_check,
+    cross_check,
     hub_offline,
     resolve,
 )
@@ -94,7 +94,7 @@ def remote_checkpoint(repo_id: str, *, revision: str | None = None) -> Checkpoin
     }
     weight_map = {str(k): str(v) for k, v in meta.weight_map.items()}
     if meta.sharded:
-        _cross_check(Path(f"{repo_id}/{INDEX_NAME}"), weight_map, headers)
+        cross_check(Path(f"{repo_id}/{INDEX_NAME}"), weight_map, headers)
     return _assemble(root, headers, weight_map, meta, repo_id=repo_id, revision=revision)
 
 

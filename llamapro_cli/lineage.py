@@ -104,10 +104,8 @@ def layer_mapping(expanded: Checkpoint, base: Checkpoint | None = None) -> Layer
     record = expanded.provenance
     if record is not None:
         try:
-            plan = ExpansionPlan.from_layers(
-                int(record["source"]["num_layers"]), record["layers"], **record["plan"]
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            plan = record.expansion_plan()
+        except ValueError as e:
             raise InputError(f"{expanded.root / 'llamapro.json'}: malformed layer record ({e})") from e
         if plan.num_layers_out != expanded.num_layers:
             raise InputError(

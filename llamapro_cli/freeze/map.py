@@ -253,11 +253,11 @@ def is_tied(ckpt: Checkpoint) -> bool:
 
 
 def _digests(ckpt: Checkpoint) -> dict[str, str] | None:
-    record = (ckpt.provenance or {}).get("digests")
-    if not record:
+    record = ckpt.provenance.digests if ckpt.provenance else None
+    if record is None:
         return None
-    tensors = record.get("tensors") if isinstance(record, dict) else None
-    if record.get("algorithm") != "sha256" or not isinstance(tensors, dict):
+    tensors = record.tensors
+    if record.algorithm != "sha256" or tensors is None:
         raise InputError(f"{ckpt.root / 'llamapro.json'}: digests are not a sha256 table of tensor names")
     if set(tensors) != set(ckpt.weight_map):
         raise InputError(
@@ -268,11 +268,11 @@ def _digests(ckpt: Checkpoint) -> dict[str, str] | None:
 
 
 def _parent_note(ckpt: Checkpoint, new_layers: Sequence[int]) -> list[str]:
-    parent = (ckpt.provenance or {}).get("parent")
-    if not isinstance(parent, dict) or not ckpt.provenance:
+    record = ckpt.provenance
+    if record is None or record.parent is None:
         return []
-    earlier = [int(x["index"]) for x in parent.get("layers") or [] if x.get("identity")]
-    now = {int(x["source"]): int(x["index"]) for x in ckpt.provenance["layers"] if not x["identity"]}
+    earlier = record.parent.new_layers
+    now = {x.source: x.index for x in record.layers if not x.identity}
     moved = sorted(now[j] for j in earlier if j in now)
     return [
         f"expanded twice: only the latest expansion's layers ({_join(new_layers)}) are trainable; "

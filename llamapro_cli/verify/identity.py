@@ -210,12 +210,12 @@ def _hf_config_reader() -> Callable[[Mapping[str, Any]], Mapping[str, Any] | Non
     def read(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
         from transformers import AutoConfig
 
-        from llamapro_cli.verify.numerics import _quiet_transformers
+        from llamapro_cli.verify.numerics import quiet_transformers
 
         values = dict(config)
         model_type = values.pop("model_type")
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 return _defined(AutoConfig.for_model(model_type, **values), AutoConfig.for_model(model_type))
         except Exception:  # an unknown model type or a config this transformers rejects: no defaults
             return None
@@ -258,13 +258,11 @@ def _open_base(exp: Checkpoint, base: str | Path | Checkpoint | None) -> Checkpo
             f"{exp.root}: no {PROVENANCE_NAME}, so the base checkpoint is unknown",
             hint="pass the checkpoint it was expanded from with --in (the layer mapping is then inferred)",
         )
-    source = record.get("source")
-    source = source if isinstance(source, dict) else {}
-    path, repo_id = source.get("path"), source.get("repo_id")
-    if isinstance(path, str) and Path(path).is_dir():
+    path, repo_id = record.source.path, record.source.repo_id
+    if path is not None and Path(path).is_dir():
         return Checkpoint.open(path)
-    if isinstance(repo_id, str):
-        return Checkpoint.open(repo_id, revision=source.get("revision"))
+    if repo_id is not None:
+        return Checkpoint.open(repo_id, revision=record.source.revision)
     raise InputError(
         f"{exp.root / PROVENANCE_NAME}: the base it records ({path}) does not exist any more",
         hint="pass the base checkpoint with --in",
@@ -283,8 +281,7 @@ def _check_base(exp: Checkpoint, base: Checkpoint, plan: ExpansionPlan) -> None:
 
 def _lineage_warnings(exp: Checkpoint, base: Checkpoint, how: str, plan: ExpansionPlan) -> list[str]:
     warnings = []
-    source = (exp.provenance or {}).get("source")
-    recorded = source.get("config_sha256") if isinstance(source, dict) else None
+    recorded = exp.provenance.source.config_sha256 if exp.provenance else None
     if recorded and recorded != base.config_sha256:
         warnings.append(
             f"{base.root / 'config.json'} is not the config.json this checkpoint was expanded from"

@@ -153,7 +153,7 @@ def hf_outputs(root: Path, inputs: Inputs, device: str, dtype: torch.dtype) -> t
     model, problems = _hf_load(root, device, dtype)
     try:
         ids = inputs.ids.to(device)
-        with torch.inference_mode(), _quiet_transformers():  # e.g. "kernel not installed" notes
+        with torch.inference_mode(), quiet_transformers():  # e.g. "kernel not installed" notes
             full = model(input_ids=ids, use_cache=False).logits
             cached = _cached(model, ids, inputs.prefill)
             greedy = _greedy(model, ids, inputs.decode_steps)
@@ -173,7 +173,7 @@ def _hf_load(root: Path, device: str, dtype: torch.dtype) -> tuple[Any, list[str
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     kwargs: dict[str, Any] = {"output_loading_info": True, "attn_implementation": "eager", dtype_key: dtype}
     try:
-        with _quiet_transformers():  # we report loading problems ourselves
+        with quiet_transformers():  # we report loading problems ourselves
             loaded: Any = _model_class(transformers, root).from_pretrained(root, **kwargs)
     except Exception as e:  # transformers raises many types (config validation, shapes, OS errors)
         raise _LoadFailed(_first_line(e)) from e
@@ -219,7 +219,7 @@ def _first_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers' warnings and progress bars off, then restored (the library must not print)."""
     from transformers.utils import logging
 
