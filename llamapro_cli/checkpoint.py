@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from llamapro_cli.architectures.registry import Family, extra_layers, family_for
 from llamapro_cli.errors import InputError, UnsupportedError
 from llamapro_cli.io.header import Header, TensorInfo, read_header
 from llamapro_cli.io.outdir import is_partial
+from llamapro_cli.io.ranges import read_chunks, read_range
 from llamapro_cli.provenance import Provenance, RecordError
 
 # headers by shard file, weight_map (tensor -> shard), sharded?, index metadata
@@ -122,6 +123,18 @@ class Checkpoint:
         """(shard path, absolute byte offset) of a tensor's data."""
         header = self.headers[self.weight_map[name]]
         return header.path, header.absolute_range(name)[0]
+
+    def read_chunks(self, name: str, *, step: int | None = None) -> Iterator[memoryview]:
+        """A tensor's bytes in pieces of at most `step` (default `io.ranges.CHUNK`), through one reused
+        buffer: each piece is valid only until the next is requested."""
+        path, offset = self.location(name)
+        return read_chunks(path, offset, self.info(name).nbytes, step)
+
+    def read_bytes(self, name: str, *, skip: int = 0, size: int | None = None) -> bytes:
+        """`size` bytes (default: the rest) of a tensor's data from byte `skip` on."""
+        path, offset = self.location(name)
+        nbytes = self.info(name).nbytes - skip if size is None else size
+        return read_range(path, offset + skip, nbytes)
 
     def tensor_names(self) -> list[str]:
         """Every tensor, in shard order then file order."""

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.expand import expand
+from llamapro_cli.io import ranges
 from llamapro_cli.verify import inputs as tokens
 from llamapro_cli.verify import structural as structural
 from llamapro_cli.verify.identity import verify_identity
@@ -265,7 +266,7 @@ def test_altered_original_is_named(
         return t
 
     edit_tensor(bad, name, nudge)
-    monkeypatch.setattr(structural, "CHUNK", 4096 + 6)  # many chunks, the last one short
+    monkeypatch.setattr(ranges, "CHUNK", 4096 + 6)  # many chunks, the last one short
     report = verify_identity(bad, numerical=False)
     assert report.verdict == "different" and report.engine is None
     assert report.structural is not None and (report.structural.layer, report.structural.tensor) == (5, name)

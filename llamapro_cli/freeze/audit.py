@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,9 +27,8 @@ from llamapro_cli.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze.map import FreezeMap, TensorEntry, freeze_map, load_manifest
 from llamapro_cli.io.header import TensorInfo, read_header
-from llamapro_cli.lineage import read_range
+from llamapro_cli.io.ranges import CHUNK, read_chunks
 
-CHUNK = 16 * 1024 * 1024
 Progress = Callable[[int, int], None]
 REF_DIGESTS = "sha256 digests recorded by expand --digests"
 REF_BYTES = "the expanded checkpoint's bytes"
@@ -138,11 +136,11 @@ class _Reference:
             for chunk in chunks:
                 digest.update(chunk)
             return digest.hexdigest() == self.fm.tensors[name].sha256
-        path, offset = self.ckpt.location(name)
+        done = 0
         for chunk in chunks:
-            if read_range(path, offset, len(chunk)) != chunk.tobytes():  # bytes compare: a memcmp
+            if self.ckpt.read_bytes(name, skip=done, size=len(chunk)) != chunk.tobytes():  # a memcmp
                 return False
-            offset += len(chunk)
+            done += len(chunk)
         return True
 
 
@@ -296,27 +294,7 @@ def _layer(fm: FreezeMap, name: str) -> int | None:
 
 
 def _raw_chunks(t: TrainedTensor) -> Iterator[memoryview]:
-    return read_chunks(t.path, t.offset, t.info.nbytes, CHUNK)
-
-
-def read_chunks(path: Path, offset: int, nbytes: int, step: int) -> Iterator[memoryview]:
-    """`nbytes` at `offset` in pieces of at most `step` bytes, through one reused buffer.
-
-    Each piece is only valid until the next one is requested (consumers hash or compare it at once).
-    """
-    buffer = bytearray(min(step, nbytes))
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        done = 0
-        while done < nbytes:
-            n = min(step, nbytes - done)
-            view = memoryview(buffer)[:n]
-            if os.preadv(fd, [view], offset + done) != n:
-                raise InputError(f"{path}: short read at offset {offset + done} (file truncated or changed)")
-            yield view
-            done += n
-    finally:
-        os.close(fd)
+    return read_chunks(t.path, t.offset, t.info.nbytes)
 
 
 class _Conversion:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UnsupportedError
+from llamapro_cli.io.ranges import read_into
 from llamapro_cli.plan import ExpansionPlan
 from llamapro_cli.verify.spec import KV, MLP, QKV, read_spec
 
@@ -97,12 +98,8 @@ class Model:
         if str(path) not in self._fds:
             self._fds[str(path)] = os.open(path, os.O_RDONLY)
         size = info.nbytes if size is None else size
-        buf, done = bytearray(size), 0
-        while done < size:  # preadv may return less than asked (2 GiB per call on Linux)
-            got = os.preadv(self._fds[str(path)], [memoryview(buf)[done:]], offset + skip + done)
-            if got <= 0:
-                raise InputError(f"{path}: short read in tensor {name} (file truncated or changed)")
-            done += got
+        buf = bytearray(size)  # a fresh, writable buffer the tensor owns (no mmap: memory is what we hold)
+        read_into(self._fds[str(path)], memoryview(buf), offset + skip, path)
         self.meter.hold(size)
         return torch.frombuffer(buf, dtype=torch.uint8).view(_DTYPES[info.dtype])  # safetensors is LE
 
