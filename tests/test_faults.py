@@ -434,3 +434,38 @@ def test_hub_cache_links_are_carried(demo: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert (out / "generation_config.json").read_bytes() == (demo / "generation_config.json").read_bytes()
     assert not any(p.is_symlink() for p in out.iterdir())
+
+
+# --- carried-over files: their I/O errors are input or output errors, never internal ---------------
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "README.md"])
+def test_unreadable_companion_file_is_an_input_error(
+    src: Path, tmp_path: Path, name: str, unprivileged: list[str]
+) -> None:
+    # A bare PermissionError from copying or reading would be an internal error (exit 101).
+    (src / name).write_text("{}")
+    (src / name).chmod(0)
+    out = tmp_path / "out"
+    rc, stdout, stderr = finish(start([*unprivileged, *expand_cmd(src, out)]))
+    assert rc == 3, stderr
+    assert_one_error(stderr, f"cannot read {src / name}", "Permission denied")
+    assert stdout == ""
+    assert_no_leftovers(out)
+
+
+def test_companion_copy_hitting_a_size_limit_is_an_output_error(src: Path, tmp_path: Path) -> None:
+    # The 9.8 MB shard fits under the limit, the 12 MB tokenizer does not: the write fails with EFBIG
+    # while copying the carried file (a full disk fails there the same way, with ENOSPC).
+    with open(src / "tokenizer.json", "wb") as f:
+        f.write(b"x" * (12 << 20))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (11 << 20, 11 << 20))
+
+    out = tmp_path / "out"
+    rc, stdout, stderr = finish(start(expand_cmd(src, out), preexec_fn=limit))
+    assert rc == 4, stderr
+    assert_one_error(stderr, "cannot write", "tokenizer.json", "File too large")
+    assert stdout == ""
+    assert_no_leftovers(out)
