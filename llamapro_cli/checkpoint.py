@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamapro_cli.architectures.registry import Family, extra_layers, family_for, num_layers
+from llamapro_cli.architectures.record import Family
+from llamapro_cli.architectures.registry import extra_layers, family_for, num_layers
 from llamapro_cli.errors import InputError, UnsupportedError
 from llamapro_cli.io.header import Header, TensorInfo, read_header
 from llamapro_cli.io.outdir import is_partial
@@ -142,15 +143,14 @@ class Checkpoint:
 
     def split_blocks(self) -> tuple[dict[int, list[str]], list[str]]:
         """Block tensors by layer index (block-relative names, file order) and the non-block tensors."""
-        regex = self.family.block_regex()
         blocks: dict[int, list[str]] = {}
         other: list[str] = []
         # Layer-indexed modules just past the blocks (DeepSeek-V3 MTP layers) are not blocks.
         extra = range(self.num_layers, self.num_layers + extra_layers(self.family, self.config))
         for name in self.tensor_names():
-            m = regex.match(name)
-            if m and int(m.group(1)) not in extra:
-                blocks.setdefault(int(m.group(1)), []).append(m.group(2))
+            parts = self.family.split_name(name)  # exit 3 for a malformed layer name
+            if parts and parts[0] not in extra:
+                blocks.setdefault(parts[0], []).append(parts[1])
             else:
                 other.append(name)
         return blocks, other

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamapro_cli.architectures.registry import FAMILIES
+from llamapro_cli.architectures.families import FAMILIES
+from llamapro_cli.architectures.record import layer_index
 from llamapro_cli.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze.map import FreezeMap, TensorEntry, freeze_map, load_manifest
@@ -287,10 +288,7 @@ class _Audit:
 
 
 def _layer(fm: FreezeMap, name: str) -> int | None:
-    if not name.startswith(fm.layer_prefix):
-        return None
-    head = name[len(fm.layer_prefix) :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+    return layer_index(name, fm.layer_prefix)
 
 
 def _raw_chunks(t: TrainedTensor) -> Iterator[memoryview]:
