@@ -295,13 +295,7 @@ def verify_identity(
     else:
         output.render_identity(report)
     if report.verdict != "identical":
-        structural = report.structural is not None and not report.structural.ok
-        raise CheckFailed(
-            f"not identical: {report.reason}",
-            hint="re-create it with llamapro expand, or pass the right base with --in"
-            if structural
-            else "the weights and config match but the outputs do not: please report this with --json",
-        )
+        raise CheckFailed(f"not identical: {report.reason}", hint=report.hint)
 
 
 @app.command(
