@@ -13,13 +13,7 @@ from typing import Any
 
 from llamapro_cli.architectures.registry import layer_kinds, pattern_warnings
 from llamapro_cli.checkpoint import Checkpoint
-
-
-@dataclass(frozen=True)
-class ShardSummary:
-    name: str
-    tensors: int
-    bytes: int
+from llamapro_cli.expand import ShardSummary
 
 
 @dataclass(frozen=True)
