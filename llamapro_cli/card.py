@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llamapro_cli.errors import OutputError
-from llamapro_cli.plan import ExpansionPlan, PlanKind
+from llamapro_cli.plan import ExpansionPlan, plan_options
 from llamapro_cli.version import __version__
 
 TAGS = ("llama-pro", "block-expansion")
@@ -140,9 +140,9 @@ def _how(facts: CardFacts) -> str:
         "## How it was made\n\n"
         f"Input: `{facts.source}`{revision}. Command:\n\n```bash\n{command}\n```\n\n"
         "| | layers | parameters |\n|---|---:|---:|\n"
-        f"| original | {facts.plan.num_layers_in} | {_count(facts.parameters_in)} "
+        f"| original | {facts.plan.num_layers_in} | {human_count(facts.parameters_in)} "
         f"({facts.parameters_in:,}) |\n"
-        f"| expanded | {facts.plan.num_layers_out} | {_count(facts.parameters_out)} "
+        f"| expanded | {facts.plan.num_layers_out} | {human_count(facts.parameters_out)} "
         f"({facts.parameters_out:,}) |\n\n"
         "`llamapro.json` in this repository records the plan, the source and the zeroed tensors.\n"
     )
@@ -171,17 +171,8 @@ def _next_steps(facts: CardFacts) -> str:
     )
 
 
-def plan_options(plan: ExpansionPlan) -> str:
-    """The `expand` options that reproduce a plan, e.g. `--every 4 --copies 1`."""
-    if plan.kind is PlanKind.EVERY:
-        return f"--every {plan.every}" + (f" --copies {plan.copies}" if (plan.copies or 1) != 1 else "")
-    if plan.kind is PlanKind.AFTER:
-        return "--after " + ",".join(map(str, plan.after or ()))
-    placement = plan.placement.value if plan.placement is not None else "interleave"
-    return f"--add {plan.add} --placement {placement}"
-
-
-def _count(n: int) -> str:
+def human_count(n: int) -> str:
+    """A parameter count as people write it: 6.74B, 725.50K, 12. The one format of the card and the CLI."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.2f}{unit}"

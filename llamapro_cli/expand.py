@@ -63,7 +63,9 @@ _OWN_FILES = re.compile(
 
 
 @dataclass(frozen=True)
-class ShardReport:
+class ShardSummary:
+    """One safetensors file of a checkpoint (written, or read by `inspect`): name, tensor count, file size."""
+
     name: str
     tensors: int
     bytes: int
@@ -81,7 +83,7 @@ class ExpandReport:
     num_layers_out: int
     plan: dict[str, Any]
     layers: tuple[NewLayer, ...]
-    shards: tuple[ShardReport, ...]
+    shards: tuple[ShardSummary, ...]
     total_size: int
     bytes_to_write: int
     zeroed: int
@@ -181,7 +183,7 @@ class _Job:
     def report(self, *, dry_run: bool, digests: bool, seconds: float) -> ExpandReport:
         meta = self.metadata()
         shard_reports = tuple(
-            ShardReport(name, len(ts), len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts))
+            ShardSummary(name, len(ts), len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts))
             for name, ts in self.shards
         )
         return ExpandReport(

@@ -2,7 +2,7 @@
 
 Owns `ExpansionPlan` (one canonical list: for every new index j, its source index and whether it is an
 identity copy), `plan_expansion()` (the `--every` / `--after` / `--add` options turned into that list) and
-`parse_after()`.
+`parse_after()`, and its inverse `plan_options()` (the options that reproduce a plan).
 
 Invariant: an `ExpansionPlan` can only exist in a valid layout — indices 0..n-1 in order, every original
 layer 0..L-1 exactly once and in increasing order, every identity copy's source an original layer placed
@@ -358,3 +358,24 @@ def parse_after(text: str) -> tuple[int, ...]:
                 hint="give comma-separated 0-based layer indices, e.g. --after 3,7,11",
             )
     return tuple(int(item) for item in items)
+
+
+def plan_options(plan: ExpansionPlan | Mapping[str, Any]) -> str:
+    """The shortest `expand` options that reproduce a plan, defaults left out: `--every 4`,
+    `--every 4 --copies 2`, `--after 3,7,7`, `--add 8`, `--add 8 --placement top`.
+
+    Takes the plan or its llamapro.json `"plan"` object (`to_record()`), so `inspect`, `expand`'s report
+    and the model card say the same words about the same plan. A record's fields are read defensively:
+    this only describes a record, whoever validated it.
+    """
+    record = plan.to_record() if isinstance(plan, ExpansionPlan) else plan
+    kind = record.get("kind")
+    if kind == PlanKind.EVERY:
+        copies = record.get("copies")
+        return f"--every {record.get('every')}" + (f" --copies {copies}" if copies not in (None, 1) else "")
+    if kind == PlanKind.AFTER:
+        after = record.get("after")
+        return "--after " + ",".join(map(str, after if isinstance(after, list | tuple) else ()))
+    placement = record.get("placement")
+    default = placement in (None, Placement.INTERLEAVE)
+    return f"--add {record.get('add')}" + ("" if default else f" --placement {placement}")

@@ -214,7 +214,7 @@ EXPAND_ARGS = ["expand", "--every", "2", "--in", "{src}", "--out", "{out}"]
 OUTSIDE_THE_COPY = {
     "during-inspect": ("llamapro_cli.describe", "describe_checkpoint", ["inspect", "{src}"], signal.SIGINT),
     "before-the-copy": ("llamapro_cli.expand", "_prepare", EXPAND_ARGS, signal.SIGTERM),
-    "after-the-copy": ("llamapro_cli.cli.output", "render_expand", EXPAND_ARGS, signal.SIGINT),
+    "after-the-copy": ("llamapro_cli.cli.expand", "render_expand", EXPAND_ARGS, signal.SIGINT),
 }
 
 

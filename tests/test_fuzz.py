@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.cli import output as output
+from llamapro_cli.cli import console
+from llamapro_cli.cli.inspect import render_inspect
 from llamapro_cli.describe import describe_checkpoint
 from llamapro_cli.errors import LlamaproError
 from llamapro_cli.expand import expand
@@ -316,9 +317,9 @@ def read_folder(files: dict[str, bytes]) -> str:
             try:
                 ckpt = Checkpoint.open(root)
                 report = describe_checkpoint(ckpt)
-                json.dumps(output.to_jsonable(report), default=output._default)
+                json.dumps(console.to_jsonable(report), default=console.json_default)
                 with contextlib.redirect_stdout(io.StringIO()):
-                    output.render_inspect(report)
+                    render_inspect(report)
                 # The plan and the config rewrite see the same config: a dry run writes nothing.
                 expand(ckpt, root.with_name(root.name + "-out"), every=1, dry_run=True)
             except LlamaproError as e:

@@ -1,0 +1,196 @@
+"""The CLI's two streams: data on stdout (tables, JSON documents), messages and progress on stderr.
+
+Owns every write the CLI makes: `error`/`warn`/`note` (one line each on stderr), `print_json` (exactly
+`asdict(report)` plus `schema_version`, so the library, the JSON and the table cannot drift apart),
+`print_rows`/`print_table` (the human tables) and `progress` (a rich bar on a terminal, a plain line
+every ~10 s otherwise, so CI logs show life). The number formats the tables share live here too.
+
+Invariant: stdout carries data only, so it pipes; everything else goes to stderr. `NO_COLOR` is
+honoured; every table reads correctly without colour.
+Must not: be imported by library modules; decide exit codes (`app` maps errors to them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+    from rich.console import Console
+
+JSON_SCHEMA_VERSION = 1
+PROGRESS_INTERVAL_S = 10.0
+
+Progress = Callable[[int, int], None]  # (done, total), as the library's verbs take it
+
+
+# --- stderr: one line per message -----------------------------------------------------------------------
+
+
+def error(message: str, hint: str | None = None) -> None:
+    # Plain writes: the error contract is exact text, never wrapped or styled.
+    sys.stderr.write(f"error: {message}\n")
+    if hint:
+        sys.stderr.write(f"hint: {hint}\n")
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def note(message: str) -> None:
+    sys.stderr.write(f"{message}\n")
+
+
+# --- stdout: data ---------------------------------------------------------------------------------------
+
+
+def write(text: str) -> None:
+    """Text as it is (a trainer snippet, a greppable line)."""
+    sys.stdout.write(text)
+
+
+def print_line(text: str) -> None:
+    """One line of data (`changed: <tensor> (<why>)`), never wrapped."""
+    write(text + "\n")
+
+
+def to_jsonable(report: DataclassInstance) -> dict[str, Any]:
+    """The `--json` document of a report: `schema_version` first, then `asdict(report)`."""
+    return {"schema_version": JSON_SCHEMA_VERSION, **dataclasses.asdict(report)}
+
+
+def json_default(value: object) -> object:
+    """What `json.dumps` cannot encode by itself: enums by value, anything else as its text."""
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+def print_json(report: DataclassInstance) -> None:
+    write(json.dumps(to_jsonable(report), indent=2, default=json_default) + "\n")
+
+
+def print_rows(rows: Sequence[tuple[str, str]]) -> None:
+    """A two-column table: keys (bold on a colour terminal) and values."""
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    _stdout().print(table)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table with a header line (shards, the layer plan)."""
+    from rich.table import Table
+
+    table = Table(*header, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    _stdout().print(table)
+
+
+def _stdout() -> Console:
+    from rich.console import Console  # imported on first use: `llamapro --help` never needs rich
+
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+
+
+def _stderr() -> Console:
+    from rich.console import Console
+
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+# --- the formats the tables share -----------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def layer_ranges(indices: Sequence[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2, 5, 7-8'."""
+    parts: list[str] = []
+    run: list[int] = []
+    for i in indices:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            parts.append(_run(run))
+        run = [i]
+    if run:
+        parts.append(_run(run))
+    return ", ".join(parts) if parts else "-"
+
+
+def _run(run: list[int]) -> str:
+    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+
+
+def new_layer_pairs(new_layers: Sequence[int], sources: Sequence[int]) -> str:
+    """'4<-3, 9<-7': each new layer with the original layer it copies."""
+    return ", ".join(f"{j}<-{s}" for j, s in zip(new_layers, sources, strict=True))
+
+
+# --- progress -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def progress(label: str, *, quiet: bool) -> Iterator[Progress]:
+    """A (done, total) callback: a rich bar on a terminal, plain lines every ~10 s otherwise."""
+    if quiet:
+        yield lambda done, total: None
+        return
+    if sys.stderr.isatty():
+        with _rich_bar(label) as update:
+            yield update
+        return
+    yield _periodic_lines(label)
+
+
+@contextlib.contextmanager
+def _rich_bar(label: str) -> Iterator[Progress]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Bar(*columns, console=_stderr(), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _periodic_lines(label: str) -> Progress:
+    start = time.monotonic()
+    last = [start]
+
+    def update(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL_S or (done >= total and now - start >= PROGRESS_INTERVAL_S):
+            last[0] = now
+            pct = 100.0 * done / total if total else 100.0
+            note(f"{label}: {human_bytes(done)} of {human_bytes(total)} ({pct:.0f}%), {now - start:.0f} s")
+
+    return update
