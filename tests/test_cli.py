@@ -5,8 +5,11 @@ examples as data, closed choices as the library's enums, and one way to write a 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import json
+import os
+import pty
 import re
 import shlex
 import subprocess
@@ -254,3 +257,126 @@ def test_library_modules_never_import_the_cli() -> None:
         assert not [m for m in imported if m.startswith("llamapro_cli.cli")], path
     for path in (package / "cli").glob("*.py"):
         assert len(path.read_text(encoding="utf-8").splitlines()) <= 400, path
+
+
+# --- output meant for pipes and terminals -----------------------------------------------------------------
+
+
+def _piped(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI as a shell pipeline runs it: stdout and stderr are pipes, the terminal is 40 columns."""
+    return subprocess.run(
+        [sys.executable, "-m", "llamapro_cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "40", **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _on_a_terminal(*args: str, env: dict[str, str]) -> bytes:
+    """stdout of the CLI when stdout is a terminal (a pseudo-terminal), as the terminal receives it."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamapro_cli", *args],
+        stdout=secondary,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", **env},
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert proc.wait(timeout=60) == 0
+    return b"".join(chunks)
+
+
+def test_piped_tables_have_whole_rows_and_no_trailing_spaces(demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pro"
+    assert _piped("expand", "--every", "4", "--in", str(demo), "--out", str(out), "-q").returncode == 0
+    for args in (
+        ["inspect", str(out)],
+        ["inspect", str(demo)],
+        ["expand", "--every", "2", "--in", str(demo), "--out", str(tmp_path / "dry"), "--dry-run"],
+    ):
+        proc = _piped(*args)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines and all(line == line.rstrip() for line in lines), args
+        assert not any(line.startswith(" ") for line in lines), args  # no wrapped continuation
+    table = _piped("inspect", str(out)).stdout
+    expanded = next(line for line in table.splitlines() if line.startswith("expanded "))
+    assert expanded.endswith("(--every 4); new layers (new<-source): 4<-3, 9<-7")
+    assert "checkpoint       " + str(out) + "\n" in table  # keys padded to one column, two spaces apart
+
+
+def test_no_color_removes_all_styling_on_a_terminal(demo: Path) -> None:
+    styled = _on_a_terminal("inspect", str(demo), env={})
+    assert b"\x1b[1m" in styled  # bold keys on a colour terminal: the check below can see styling
+    plain = _on_a_terminal("inspect", str(demo), env={"NO_COLOR": "1"})
+    assert b"\x1b" not in plain and b"tied embeddings" in plain
+
+
+def test_prompt_input_is_counted_in_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    from llamapro_cli.cli.verify import render_identity
+    from llamapro_cli.verify.identity import IdentityReport, Verdict
+
+    values: dict[str, Any] = {f.name: None for f in dataclasses.fields(IdentityReport)}
+    values.update(
+        verdict=Verdict.IDENTICAL,
+        expanded="pro",
+        base="base",
+        architecture="llama",
+        num_layers_in=8,
+        num_layers_out=10,
+        new_layers=(4, 9),
+        mapping="llamapro.json",
+        engine="native",
+        device="cpu",
+        dtype="bfloat16",
+        input="prompt",
+        seed=None,
+        tokens=15,
+        prefill=7,
+        decode_steps=8,
+        atol=0.0,
+        full_max_abs=0.0,
+        cached_max_abs=0.0,
+        greedy_tokens_equal=True,
+        warnings=(),
+        seconds=1.0,
+        peak_rss_bytes=1,
+    )
+    render_identity(IdentityReport(**values))
+    shown = capsys.readouterr().out
+    assert re.search(r"^input +15 prompt tokens: prefill 7, then 8 cached", shown, flags=re.M), shown
+    render_identity(IdentityReport(**{**values, "input": "random token ids", "seed": 0, "tokens": 32}))
+    assert "32 random token ids, seed 0: prefill" in capsys.readouterr().out
+
+
+def test_a_shard_over_max_shard_size_gets_a_note(demo: Path, tmp_path: Path) -> None:
+    args = ["expand", "--every", "4", "--in", str(demo), "--max-shard-size"]
+    # The embedding (1024 x 256 bf16, 512 KiB) and the head are larger than 520KB: a shard each.
+    written = CliRunner().invoke(app, [*args, "520KB", "--out", str(tmp_path / "a")])
+    assert written.exit_code == 0, written.stderr
+    assert re.search(
+        r"^note: 2 shards are over --max-shard-size 520KB \(the largest: model-\d+-of-\d+\.safetensors, "
+        r"528\.\d\d KB\): a tensor larger than the limit gets a shard of its own",
+        written.stderr,
+        flags=re.M,
+    ), written.stderr
+    sizes = [p.stat().st_size for p in (tmp_path / "a").glob("model-*.safetensors")]
+    assert sum(size > 520_000 for size in sizes) == 2
+    dry = CliRunner().invoke(app, [*args, "520KB", "--out", str(tmp_path / "b"), "--dry-run"])
+    assert "note: 2 shards would be over --max-shard-size 520KB" in dry.stderr
+    fits = CliRunner().invoke(app, [*args, "5GB", "--out", str(tmp_path / "c"), "--dry-run"])
+    assert fits.exit_code == 0 and "note:" not in fits.stderr
+    quiet = CliRunner().invoke(app, [*args, "520KB", "--out", str(tmp_path / "d"), "--dry-run", "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""

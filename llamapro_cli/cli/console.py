@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -78,36 +79,61 @@ def print_json(report: DataclassInstance) -> None:
 
 def print_rows(rows: Sequence[tuple[str, str]]) -> None:
     """A two-column table: keys (bold on a colour terminal) and values."""
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows:
-        table.add_row(key, value)
-    _stdout().print(table)
+    _print_table(None, rows)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """A table with a header line (shards, the layer plan)."""
+    _print_table(header, rows)
+
+
+def _print_table(header: Sequence[str] | None, rows: Sequence[Sequence[str]]) -> None:
+    if not stdout_is_terminal():
+        write("".join(line + "\n" for line in plain_table(header, rows)))
+        return
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(*header, box=None, pad_edge=False)
+    table = Table(*(header or ()), show_header=header is not None, box=None, pad_edge=False)
+    if header is None:
+        table.add_column(style="bold")
+        table.add_column()
     for row in rows:
-        table.add_row(*row)
-    _stdout().print(table)
+        table.add_row(*(Text(cell) for cell in row))
+    _console(sys.stdout).print(table)
 
 
-def _stdout() -> Console:
+def plain_table(header: Sequence[str] | None, rows: Sequence[Sequence[str]]) -> list[str]:
+    """The table for a pipe or a file: columns two spaces apart, no wrapping, no trailing spaces, no
+    escape codes, so `grep`, `awk` and `diff` see every row whole whatever the terminal width."""
+    from rich.cells import cell_len  # display width: a CJK character takes two columns
+
+    lines = [list(header)] if header is not None else []
+    lines += [list(row) for row in rows]
+    if not lines:
+        return []
+    widths = [max(cell_len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    padded = ([c + " " * (w - cell_len(c)) for c, w in zip(line, widths, strict=False)] for line in lines)
+    return ["  ".join([*cells, line[-1]]).rstrip() for cells, line in zip(padded, lines, strict=True)]
+
+
+def stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+def no_color() -> bool:
+    """NO_COLOR set to anything but the empty string (no-color.org): no styling at all, bold included."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def _console(file: TextIO) -> Console:
     from rich.console import Console  # imported on first use: `llamapro --help` never needs rich
 
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
-
-
-def _stderr() -> Console:
-    from rich.console import Console
-
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    # color_system=None renders no escape code at all; rich's own NO_COLOR support keeps bold.
+    return Console(file=file, highlight=False, soft_wrap=True, color_system=None if no_color() else "auto")
 
 
 # --- the formats the tables share -----------------------------------------------------------------------
@@ -173,7 +199,7 @@ def _rich_bar(label: str) -> Iterator[Progress]:
     from rich.progress import Progress as Bar
 
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Bar(*columns, console=_stderr(), transient=True) as bar:
+    with Bar(*columns, console=_console(sys.stderr), transient=True) as bar:
         task = bar.add_task(label, total=None)
 
         def update(done: int, total: int) -> None:

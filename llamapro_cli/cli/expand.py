@@ -134,6 +134,10 @@ def expand(
                 "not copied (other weight formats, unknown files, links out of the folder): "
                 + ", ".join(report.not_copied)
             )
+    if not quiet:
+        oversized = oversized_shards(report, max_shard_size)
+        if oversized:
+            console.note(f"note: {oversized}")
     if json_:
         console.print_json(report)
     else:
@@ -143,6 +147,33 @@ def expand(
 
 
 COMMAND = CommandSpec("expand", expand, EXAMPLES)
+
+
+def oversized_shards(report: ExpandReport, max_shard_size: str) -> str | None:
+    """One line when shards exceed --max-shard-size. The split follows huggingface_hub: the limit counts
+    tensor bytes (each header comes on top) and a tensor is never split, so one larger than the limit
+    gets a shard of its own, bigger than the limit."""
+    from llamapro_cli.expand import parse_size
+
+    limit = parse_size(max_shard_size)
+    over = [s for s in report.shards if s.bytes > limit]
+    if not over:
+        return None
+    largest = max(over, key=lambda s: s.bytes)
+    verb = "would be" if report.dry_run else ("is" if len(over) == 1 else "are")
+    if len(over) == 1:
+        what = f"{largest.name} ({human_bytes(largest.bytes)}) {verb} over --max-shard-size {max_shard_size}"
+    else:
+        what = (
+            f"{len(over)} shards {verb} over --max-shard-size {max_shard_size} (the largest: "
+            f"{largest.name}, {human_bytes(largest.bytes)})"
+        )
+    why = (
+        "a tensor larger than the limit gets a shard of its own (tensors are never split)"
+        if all(s.tensors == 1 for s in over)
+        else "the limit counts tensor bytes, as in huggingface_hub, and each header comes on top"
+    )
+    return f"{what}: {why}"
 
 
 def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:

@@ -163,11 +163,13 @@ def _structure(result: StructuralResult | None) -> str:
 
 def _numbers(report: IdentityReport) -> list[tuple[str, str]]:
     seed = f", seed {report.seed}" if report.seed is not None else ""
+    # "32 random token ids" names its unit; a prompt needs it said: "15 prompt tokens".
+    what = "prompt tokens" if report.input == "prompt" else report.input
     rows = [
         ("engine", f"{report.engine} on {report.device}, {report.dtype}"),
         (
             "input",
-            f"{report.tokens} {report.input}{seed}: prefill {report.prefill}, then "
+            f"{report.tokens} {what}{seed}: prefill {report.prefill}, then "
             f"{report.decode_steps} cached one-token steps and {report.decode_steps} greedy tokens",
         ),
         (
