@@ -18,7 +18,7 @@ from llamapro_cli.card import human_count
 from llamapro_cli.cli import console
 from llamapro_cli.cli.console import human_bytes, new_layer_pairs
 from llamapro_cli.cli.hub import check_push_options, push_after_expand
-from llamapro_cli.cli.options import CommandSpec, JsonOpt, PrivateOpt, QuietOpt, RevisionOpt, choice
+from llamapro_cli.cli.options import CommandSpec, JsonOpt, PrivateOpt, QuietOpt, RevisionOpt, choice, integer
 from llamapro_cli.plan import Placement, plan_options
 
 if TYPE_CHECKING:
@@ -43,13 +43,13 @@ def expand(
     ],
     every: Annotated[
         int | None,
-        typer.Option(
-            metavar="N", help="After each complete group of N layers, copy the group's top layer(s)."
-        ),
+        integer("--every", help="After each complete group of N layers, copy the group's top layer(s)."),
     ] = None,
     copies: Annotated[
         int | None,
-        typer.Option(metavar="P", help="With --every: copy the top P layers of each group (1 <= P <= N)."),
+        integer(
+            "--copies", metavar="P", help="With --every: copy the top P layers of each group (1 <= P <= N)."
+        ),
     ] = None,
     after: Annotated[
         str | None,
@@ -58,7 +58,7 @@ def expand(
         ),
     ] = None,
     add: Annotated[
-        int | None, typer.Option(metavar="K", help="Add K copies, laid out by --placement.")
+        int | None, integer("--add", metavar="K", help="Add K copies, laid out by --placement.")
     ] = None,
     placement: Annotated[
         Placement,
