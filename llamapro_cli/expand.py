@@ -33,7 +33,7 @@ from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
 from llamapro_cli.io.header import OutTensor, header_bytes
 from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
 from llamapro_cli.io.writer import write_shard
-from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, plan_expansion
+from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, parse_int, plan_expansion, shown
 from llamapro_cli.provenance import ALGORITHM, SCHEMA_VERSION, Digests, PlanRecord, Provenance, SourceRecord
 from llamapro_cli.version import __version__
 
@@ -98,18 +98,23 @@ class ExpandReport:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal and binary units, like huggingface_hub)."""
+    """'5GB', '500MB', '2GiB', '1.5GB' or a byte count -> bytes (decimal and binary units, like
+    huggingface_hub). Exact integer arithmetic on digits bounded by `parse_int`: no float to overflow."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    option, hint = "--max-shard-size", "e.g. 5GB, 500MB, 2GiB"
+    m = re.fullmatch(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise UsageError(f"--max-shard-size {text!r} is not a size", hint="e.g. 5GB, 500MB, 2GiB")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = "BKMGT".index(unit[0])
-    size = int(float(m.group(1)) * base**power)
+        raise UsageError(f"{option} {shown(text)} is not a size", hint=hint)
+    whole = parse_int(m.group(1), option=option, what="a size", hint=hint)
+    fraction = m.group(2) or ""
+    tenths = parse_int(fraction, option=option, what="a size", hint=hint) if fraction else 0
+    unit = (m.group(3) or "B").upper()
+    scale: int = (1024 if "I" in unit else 1000) ** "BKMGT".index(unit[0])
+    denominator: int = 10 ** len(fraction)
+    size = (whole * denominator + tenths) * scale // denominator
     if size < 1:
-        raise UsageError(f"--max-shard-size {text!r} must be positive")
+        raise UsageError(f"{option} {shown(text)} must be positive")
     return size
 
 

@@ -1,6 +1,7 @@
 """Fuzzing the folder-level reader: mutated shard headers, shard indexes, config.json and llamapro.json of
 a whole checkpoint folder, fed to `Checkpoint.open`, `describe_checkpoint`, the `inspect` renderers and a
-dry-run `expand` (plan and config rewrite).
+dry-run `expand` (plan and config rewrite). And what the CLI prints: every report renderer and message fed
+names full of rich markup and control characters, on a pipe and on a terminal.
 
 The only allowed outcomes are a report or our own `LlamaproError`: no other exception, no allocation
 beyond a cap (RLIMIT_AS lowered around each example, so a huge allocation is a MemoryError that fails
@@ -11,17 +12,23 @@ the test), no hang (a per-example timer). Example counts are fixed and derandomi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
 import struct
 import tempfile
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -385,3 +392,149 @@ def test_mutated_everything(data: st.DataObject, mutate: list[str]) -> None:
 @given(name=st.sampled_from([SHARDS[0], INDEX, "config.json", "llamapro.json"]), junk=st.binary(max_size=256))
 def test_random_bytes(name: str, junk: bytes) -> None:
     read_folder({**BASE, name: junk})
+
+
+# --- what the CLI prints: data is never markup and never reaches the terminal raw -----------------------
+
+# Names a hostile checkpoint can carry: rich markup, terminal escape sequences, CR/BEL/DEL, C1 controls,
+# Unicode line separators and bidi overrides, emoji codes, and ordinary text.
+hostile_text = (
+    st.sampled_from(
+        [
+            "[/]",
+            "[/x]",
+            "[bold red]x[/bold red]",
+            "[link=https://example.com]y",
+            "\x1b[2J",
+            "\x1b]0;title\x07",
+            "x\rerror: forged",
+            "\x9b31m",
+            ":smile:",
+            "\u202eevil",
+            "a\u2028b",
+            "tab\there",
+            "line\nbreak",
+        ]
+    )
+    | st.text(
+        alphabet=st.sampled_from(list("[]/\\=:ab \x1b\x07\r\n\t\x00\x7f\x85\x9b\u2028\u202eé中")), max_size=16
+    )
+    | st.text(max_size=12)
+).filter(lambda text: not set(text) & set(TWIN_BRACKETS.values()))
+TWIN_BRACKETS = {"[": "\u27e6", "]": "\u27e7"}  # same display width, never markup, never drawn
+RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _build(hint: Any, draw: st.DrawFn) -> Any:
+    """A value of the type `hint` (a report dataclass and everything nested), every string hostile.
+    Tuples have two items, so the renderers' paired fields (new layers and their sources) line up."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return hint(**{f.name: _build(hints[f.name], draw) for f in dataclasses.fields(hint)})
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return draw(st.sampled_from(list(hint)))
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in args if a is not type(None)]
+        return None if len(options) < len(args) and draw(st.booleans()) else _build(options[0], draw)
+    if origin is tuple:
+        items = [args[0], args[0]] if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return tuple(_build(a, draw) for a in items)
+    if origin is dict:
+        return {draw(hostile_text): _build(args[1], draw) for _ in range(2)}
+    strategies: dict[Any, st.SearchStrategy[Any]] = {
+        str: hostile_text,
+        Any: hostile_text,
+        bool: st.booleans(),
+        int: st.integers(min_value=0, max_value=10**15),
+        float: st.floats(min_value=0, max_value=1e6),
+    }
+    return draw(strategies[hint])
+
+
+def _twin(value: Any) -> Any:
+    """The same value with every bracket of every string replaced by a look-alike rich ignores."""
+    if isinstance(value, str):
+        return value.translate(str.maketrans(TWIN_BRACKETS))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value, **{f.name: _twin(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        )
+    if isinstance(value, tuple):
+        return tuple(_twin(v) for v in value)
+    if isinstance(value, dict):
+        return {_twin(k): _twin(v) for k, v in value.items()}
+    return value
+
+
+def _renderers() -> dict[str, tuple[type, Callable[[Any], None]]]:
+    from llamapro_cli.cli import expand as cli_expand
+    from llamapro_cli.cli import freeze, hub, verify
+    from llamapro_cli.describe import InspectReport
+    from llamapro_cli.expand import ExpandReport
+    from llamapro_cli.freeze.audit import FrozenReport
+    from llamapro_cli.freeze.map import FreezeMap
+    from llamapro_cli.freeze.trainers import Snippet
+    from llamapro_cli.hub import PushReport
+    from llamapro_cli.verify.identity import IdentityReport
+
+    return {
+        "inspect": (InspectReport, render_inspect),
+        "expand": (ExpandReport, cli_expand.render_expand),
+        "verify-identity": (IdentityReport, verify.render_identity),
+        "freeze-map": (FreezeMap, freeze.render_freeze_map),
+        "snippet": (Snippet, freeze.render_snippet),
+        "verify-frozen": (FrozenReport, freeze.render_frozen),
+        "push": (PushReport, hub.render_push),
+    }
+
+
+def _shown(render: Callable[[], None], *, terminal: bool, no_color: bool) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    env = {"NO_COLOR": "1" if no_color else "", "COLUMNS": "100"}
+    with (
+        mock.patch.dict(os.environ, env),
+        mock.patch.object(console, "stdout_is_terminal", lambda: terminal),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        render()
+    return out.getvalue() + err.getvalue()
+
+
+@FUZZ
+@given(
+    which=st.sampled_from(sorted(_renderers())),
+    terminal=st.booleans(),
+    no_color=st.booleans(),
+    data=st.data(),
+)
+def test_renderers_show_hostile_names_as_text(
+    which: str, terminal: bool, no_color: bool, data: st.DataObject
+) -> None:
+    cls, render = _renderers()[which]
+    report = _build(cls, data.draw)
+    shown = _shown(lambda: render(report), terminal=terminal, no_color=no_color)
+    assert not RAW_CONTROL.search(shown), shown
+    if which != "snippet":  # a snippet keeps its own line breaks and tabs; every other value is one line
+        assert "\t" not in shown
+    # Markup would consume brackets: the report and its bracket-free twin must print the same text.
+    twin = _shown(lambda: render(_twin(report)), terminal=terminal, no_color=no_color)
+    assert _twin(shown) == twin
+    as_json = _shown(lambda: console.print_json(report), terminal=terminal, no_color=no_color)
+    assert as_json.isascii() and json.loads(as_json) == json.loads(
+        json.dumps(console.to_jsonable(report), default=console.json_default)
+    )
+
+
+@FUZZ
+@given(message=hostile_text, hint=st.none() | hostile_text)
+def test_messages_are_one_line_each(message: str, hint: str | None) -> None:
+    emits: list[tuple[Callable[[], None], int]] = [
+        (lambda: console.error(message, hint), 2 if hint else 1),
+        (lambda: console.warn(message), 1),
+        (lambda: console.note(message), 1),
+    ]
+    for emit, lines in emits:
+        shown = _shown(emit, terminal=False, no_color=False)
+        assert not RAW_CONTROL.search(shown) and shown.count("\n") == lines, shown

@@ -11,6 +11,7 @@ Must not: contain surgery logic; be imported by any library module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -24,12 +25,13 @@ from typer.core import TyperGroup
 
 from llamapro_cli.cli import console, demo, expand, freeze, hub, inspect, verify
 from llamapro_cli.cli.options import Command, CommandSpec
-from llamapro_cli.errors import Interrupted, LlamaproError
+from llamapro_cli.errors import Interrupted, LlamaproError, OutputError
 from llamapro_cli.version import __version__
 
 EXIT_CODES = """Exit codes: 0 success; 1 the check ran and failed;
 2 usage error (incl. a plan that does not fit); 3 bad or unsupported input;
-4 output problem (exists, disk full, permission); 101 internal error; 130/143 SIGINT/SIGTERM."""
+4 output problem (exists, disk full, permission, stdout not writable); 101 internal error;
+130/143 SIGINT/SIGTERM; 141 the reader of stdout stopped reading."""
 
 # Workflow order: `llamapro --help` lists them so.
 COMMANDS: tuple[CommandSpec, ...] = (
@@ -44,15 +46,23 @@ COMMANDS: tuple[CommandSpec, ...] = (
 
 
 class Group(TyperGroup):
-    """The `llamapro` group: an error raised while options are parsed (a closed choice's value) is
-    reported like one raised by the command: one line and its exit code."""
+    """The `llamapro` group: an error raised while options are parsed (a closed choice's or a number's
+    value) is reported like one raised by the command: one line and its exit code; so is a stdout that
+    cannot take `--help`."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().main(*args, **kwargs)
+        except console.StdoutClosed as e:
+            sys.exit(e.exit_code)
         except LlamaproError as e:
             console.error(e.message, e.hint)
             sys.exit(e.exit_code)
+        except OSError as e:  # Typer's own output (--help, a usage screen) could not be written
+            failure = console.stdout_error(e)
+            if not isinstance(failure, console.StdoutClosed):
+                console.error(failure.message, failure.hint)
+            sys.exit(failure.exit_code)
 
 
 app = typer.Typer(
@@ -75,8 +85,14 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            console.flush()  # a full or closed stdout is exit 4 here, not a message at interpreter exit
+            return result
+        except console.StdoutClosed as e:
+            raise typer.Exit(e.exit_code) from None
         except LlamaproError as e:
+            with contextlib.suppress(OutputError):
+                console.flush()  # the report before a failed check; the check's exit code wins
             console.error(e.message, e.hint)
             raise typer.Exit(e.exit_code) from None
         except (typer.Exit, typer.Abort):
@@ -94,7 +110,8 @@ def handle_errors(func: F) -> F:
 
 def _version(value: bool) -> None:
     if value:
-        sys.stdout.write(f"llamapro {__version__}\n")
+        console.print_line(f"llamapro {__version__}")
+        console.flush()
         raise typer.Exit(0)
 
 

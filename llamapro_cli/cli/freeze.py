@@ -138,7 +138,7 @@ def render_freeze_map(fm: FreezeMap) -> None:
 
 def render_snippet(snippet: Snippet) -> None:
     """A trainer snippet: the paste-ready text on stdout, notes on stderr."""
-    console.write(snippet.text)
+    console.print_text(snippet.text)
     for text in snippet.notes:
         console.note(f"note: {text}")
 
