@@ -314,6 +314,7 @@ def verify_identity(
         "  llamapro freeze-map ./pro-8b --format axolotl >> axolotl.yaml\n\n"
         "  llamapro freeze-map ./pro-8b --format json > pro-8b.freeze.json\n\n"
         "  llamapro freeze-map ./pro-8b --format hf --also embeddings,head\n\n"
+        "  llamapro freeze-map ./run/checkpoint-500 --map ./pro-8b --format axolotl\n\n"
         "Exit codes: 0 ok; 2 the format cannot express this layout (e.g. llama-factory's stride), an\n"
         "unknown format or role; 3 not an expanded checkpoint or bad input."
     ),
@@ -334,23 +335,37 @@ def freeze_map(
         typer.Option(help="Also train these roles (comma-separated): embeddings, head, final-norm."),
     ] = "",
     json_: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    map_: Annotated[
+        str | None,
+        typer.Option(
+            "--map",
+            help="For a trainer's saved checkpoint (no llamapro.json): the expanded checkpoint it was "
+            "trained from, or its manifest; the new layers are taken from it.",
+        ),
+    ] = None,
     revision: RevisionOpt = None,
 ) -> None:
     """Which tensors to train after expand (the new layers), as a summary, a manifest or a trainer snippet.
 
-    The new layers come from llamapro.json (or, without it, from layers whose branch-final tensors are
-    all zero). Every trainer snippet is checked against that trainer's own matching rule on the
-    model's parameter names before it is printed, and carries the resolved counts in a comment.
+    The new layers come from llamapro.json, checked against the weights (or, without it, from layers
+    whose branch-final tensors are all zero, or from --map). Every trainer snippet is checked against
+    that trainer's own matching rule on the model's parameter names before it is printed, and carries
+    the resolved counts in a comment.
     """
     from llamapro_cli.cli import output
     from llamapro_cli.errors import UsageError
+    from llamapro_cli.freeze.apply import freeze_map_from
     from llamapro_cli.freeze.map import freeze_map as build_map
     from llamapro_cli.freeze.trainers import Format, parse_format, render
 
     fmt = parse_format(format_)
     if json_ and fmt not in (Format.TEXT, Format.JSON):
         raise UsageError(f"--json conflicts with --format {fmt.value}")
-    fm = build_map(checkpoint, also=also.split(",") if also else (), revision=revision)
+    roles = also.split(",") if also else ()
+    if map_ is None:
+        fm = build_map(checkpoint, also=roles, revision=revision)
+    else:
+        fm = freeze_map_from(checkpoint, map_, also=roles, revision=revision)
     if json_ or fmt is Format.JSON:
         output.print_json(fm)
     elif fmt is Format.TEXT:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -295,7 +296,10 @@ def render_freeze_map(fm: Any) -> None:
     stdout().print(key_value_table(rows))
     for text in fm.notes:
         note(f"note: {text}")
-    note(f"next: llamapro freeze-map {fm.checkpoint} --format axolotl|llama-factory|peft|swift|hf|json")
+    from llamapro_cli.freeze.trainers import usable_formats
+
+    first, *others = [*(f.value for f in usable_formats(fm)), "json"]  # pasteable: no a|b|c for the shell
+    note(f"next: llamapro freeze-map {shlex.quote(fm.checkpoint)} --format {first}  (or {', '.join(others)})")
 
 
 def render_snippet(snippet: Any) -> None:

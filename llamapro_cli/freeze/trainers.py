@@ -39,8 +39,20 @@ from llamapro_cli.freeze.snippet import (
     role_parameters,
 )
 
-__all__ = ["Format", "Snippet", "parse_format", "render"]
+__all__ = ["Format", "Snippet", "parse_format", "render", "usable_formats"]
 LORA_RANK = 16  # written into the peft snippet; the adapter counts in its comment assume it
+
+
+def usable_formats(fm: FreezeMap) -> tuple[Format, ...]:
+    """The trainer formats that can express this map (each renders and passes its trainer's rule)."""
+    usable = []
+    for fmt in (Format.AXOLOTL, Format.HF, Format.SWIFT, Format.PEFT, Format.LLAMA_FACTORY):
+        try:
+            render(fm, fmt)
+        except (UsageError, InputError):
+            continue
+        usable.append(fmt)
+    return tuple(usable)
 
 
 def render(fm: FreezeMap, fmt: Format | str) -> Snippet:
@@ -170,6 +182,7 @@ def _llama_factory(fm: FreezeMap) -> Snippet:
         f"# use_llama_pro re-derives the layers from num_hidden_layers (stride {fm.num_layers}/{k}),",
         "# which gives exactly the new layers here. Trainable params are upcast to fp32 unless",
         "# pure_bf16: saved new layers may be fp32 (llamapro verify-frozen converts them back).",
+        *_cpu_note(fm),
         *pitfalls(fm, checkpointing="use_reentrant_gc: false (LLaMA-Factory's default is true)"),
         "finetuning_type: freeze",
         f"freeze_trainable_layers: {k}  # the number of NEW layers, not 'the last {k} layers'",
@@ -180,6 +193,14 @@ def _llama_factory(fm: FreezeMap) -> Snippet:
     if extra:
         lines.append(f"freeze_extra_modules: {literal(Lang.YAML, ','.join(extra))}")
     return checked(fm, Format.LLAMA_FACTORY, selected, "\n".join(lines) + "\n", fm.notes)
+
+
+def _cpu_note(fm: FreezeMap) -> list[str]:
+    """Measured with LLaMA-Factory 0.9.5: with bf16: false a bf16 checkpoint fails on CPU at step 0
+    ("expected m1 and m2 to have the same dtype")."""
+    if not any(e.dtype == "BF16" for e in fm.tensors.values()):
+        return []
+    return ["# On CPU (use_cpu: true) LLaMA-Factory 0.9.5 needs bf16: true for this bf16 checkpoint."]
 
 
 # --- PEFT LoRA: layers_to_transform (tuners/tuners_utils.py::check_target_module_exists) ------------------
