@@ -165,8 +165,8 @@ def _next_steps(facts: CardFacts) -> str:
         "## Check and train\n\n```bash\n"
         "# the expanded model computes exactly what the original does (logits bit for bit)\n"
         f"llamapro verify-identity --in {facts.source} --out {ref}\n"
-        "# which parameters to train (the new layers), for your trainer: peft, axolotl, llama-factory, ...\n"
-        f"llamapro freeze-map {ref} --format peft\n"
+        "# which parameters to train (the new layers, fully), for your trainer: hf, axolotl, swift, ...\n"
+        f"llamapro freeze-map {ref} --format hf\n"
         f"{audit}```\n"
     )
 

@@ -108,7 +108,7 @@ def test_card_body_says_how_it_was_made(demo: Path, tmp_path: Path) -> None:
     assert "0 1 2 3 [3] 4 5 6 7 [7]" in text
     assert f"```bash\nllamapro expand --every 4 --in {src} --out {tmp_path / 'pro'} --json\n```" in text
     assert f"llamapro verify-identity --in {src} --out ./pro" in text
-    assert "llamapro freeze-map ./pro --format peft" in text
+    assert "llamapro freeze-map ./pro --format hf" in text
     assert "verify-frozen" not in text  # only offered when digests were recorded
     # The original card's text, below its heading, without its YAML header.
     original = text.split("## Original model card\n", 1)[1]
@@ -171,7 +171,7 @@ def test_hub_input_sets_base_model() -> None:
     # No command recorded (a library call): the card shows the equivalent one.
     assert "llamapro expand --every 4 --in meta-llama/Llama-2-7b-hf --out me/Llama-2-7b-pro" in card.text
     assert "| original | 32 | 6.74B (6,738,415,616) |" in card.text
-    assert "llamapro freeze-map me/Llama-2-7b-pro --format peft" in card.text
+    assert "llamapro freeze-map me/Llama-2-7b-pro --format hf" in card.text
 
 
 def test_card_data_tags_and_plan_options() -> None:

@@ -32,8 +32,9 @@ from llamapro_cli.cli.console import to_jsonable
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.expand import expand
 from llamapro_cli.freeze import rules
+from llamapro_cli.freeze.apply import ManifestMismatch, apply_freeze_map
 from llamapro_cli.freeze.audit import verify_frozen
-from llamapro_cli.freeze.manifest import ManifestMismatch, apply_freeze_map, load_manifest
+from llamapro_cli.freeze.manifest import load_manifest
 from llamapro_cli.freeze.map import freeze_map
 from llamapro_cli.freeze.snippet import Format, Snippet
 from llamapro_cli.freeze.trainers import has_fused_experts, render

@@ -132,7 +132,7 @@ def test_expand_push_uploads_the_finished_folder(
     assert {"README.md", "llamapro.json", "config.json"} <= set(hub.uploaded)
     card = ModelCard(hub.uploaded["README.md"].decode())
     assert card.data.to_dict()["tags"] == ["llama-pro", "block-expansion"]
-    assert f"llamapro freeze-map {REPO} --format peft" in card.text  # the card names the pushed repo
+    assert f"llamapro freeze-map {REPO} --format hf" in card.text  # the card names the pushed repo
     assert result.stderr.strip().endswith(
         f"pushed {len(hub.uploaded)} files to https://huggingface.co/{REPO}/tree/exp"
     )

@@ -9,6 +9,7 @@ Must not: import torch or transformers.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -35,6 +36,7 @@ MAP_EXAMPLES = (
     "llamapro freeze-map ./pro-8b --format axolotl >> axolotl.yaml",
     "llamapro freeze-map ./pro-8b --format json > pro-8b.freeze.json",
     "llamapro freeze-map ./pro-8b --format hf --also embeddings,head",
+    "llamapro freeze-map ./run/checkpoint-500 --map ./pro-8b --format axolotl",
 )
 MAP_AFTER_EXAMPLES = (
     "Exit codes: 0 ok; 2 the format cannot express this layout (e.g. llama-factory's stride), an\n"
@@ -70,21 +72,35 @@ def freeze_map(
         ),
     ] = "",
     json_: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    map_: Annotated[
+        str | None,
+        typer.Option(
+            "--map",
+            metavar="EXPANDED",
+            help="For a trainer's saved checkpoint (no llamapro.json): the expanded checkpoint it was "
+            "trained from, or its manifest; the new layers are taken from it.",
+        ),
+    ] = None,
     revision: RevisionOpt = None,
 ) -> None:
     """Which tensors to train after expand (the new layers), as a summary, a manifest or a trainer snippet.
 
-    The new layers come from llamapro.json (or, without it, from layers whose branch-final tensors are
-    all zero). Every trainer snippet is checked against that trainer's own matching rule on the
-    model's parameter names before it is printed, and carries the resolved counts in a comment.
+    The new layers come from llamapro.json, checked against the weights (or, without it, from layers
+    whose branch-final tensors are all zero, or from --map). Every trainer snippet is checked against
+    that trainer's own matching rule on the model's parameter names before it is printed, and carries
+    the resolved counts in a comment.
     """
     from llamapro_cli.errors import UsageError
+    from llamapro_cli.freeze.apply import freeze_map_from
     from llamapro_cli.freeze.map import freeze_map as build_map
     from llamapro_cli.freeze.trainers import render
 
     if json_ and format_ not in (Format.TEXT, Format.JSON):
         raise UsageError(f"--json conflicts with --format {format_.value}")
-    fm = build_map(checkpoint, also=roles(also), revision=revision)
+    if map_ is None:
+        fm = build_map(checkpoint, also=roles(also), revision=revision)
+    else:
+        fm = freeze_map_from(checkpoint, map_, also=roles(also), revision=revision)
     if json_ or format_ is Format.JSON:
         console.print_json(fm)
     elif format_ is Format.TEXT:
@@ -131,8 +147,11 @@ def render_freeze_map(fm: FreezeMap) -> None:
     console.print_rows(rows)
     for text in fm.notes:
         console.note(f"note: {text}")
+    from llamapro_cli.freeze.trainers import usable_formats
+
+    first, *others = [*(f.value for f in usable_formats(fm)), "json"]  # pasteable: no a|b|c for the shell
     console.note(
-        f"next: llamapro freeze-map {fm.checkpoint} --format axolotl|llama-factory|peft|swift|hf|json"
+        f"next: llamapro freeze-map {shlex.quote(fm.checkpoint)} --format {first}  (or {', '.join(others)})"
     )
 
 
