@@ -22,6 +22,7 @@ from typing import Any
 
 from llamapro_cli.architectures.registry import Family, extra_layers, family_for, num_layers
 from llamapro_cli.errors import InputError, UnsupportedError
+from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME, SINGLE_NAME, read_json
 from llamapro_cli.io.header import Header, TensorInfo, read_header
 from llamapro_cli.io.outdir import is_partial
 from llamapro_cli.io.ranges import read_chunks, read_range
@@ -29,9 +30,6 @@ from llamapro_cli.provenance import Provenance, RecordError
 
 # headers by shard file, weight_map (tensor -> shard), sharded?, index metadata
 Weights = tuple[dict[str, Header], dict[str, str], bool, dict[str, Any]]
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-PROVENANCE_NAME = "llamapro.json"
 # What a hub download needs: weights, config, index, provenance, and the files `expand` carries over.
 HUB_ALLOW_PATTERNS = [
     "*.json",
@@ -46,8 +44,6 @@ HUB_ALLOW_PATTERNS = [
     "USE_POLICY*",
 ]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# config.json, the shard index, llamapro.json: real ones are kilobytes (a large MoE index a few MB).
-MAX_JSON_SIZE = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -255,29 +251,8 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def _read_json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise InputError(f"{path}: {what} is missing")
-    # A FIFO or device would block or never end; a huge file would be read whole.
-    if not path.is_file():
-        raise InputError(f"{path}: {what} is not a regular file")
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_JSON_SIZE + 1)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read {what}: {os.strerror(e.errno or 0)}") from e
-    if len(data) > MAX_JSON_SIZE:
-        raise InputError(f"{path}: {what} is larger than {MAX_JSON_SIZE} bytes")
-    try:
-        return json.loads(data), data
-    except RecursionError as e:
-        raise InputError(f"{path}: {what} is nested too deeply") from e
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, ints beyond Python's digit limit
-        raise InputError(f"{path}: {what} is not valid JSON ({_first_line(e)})") from e
-
-
 def _read_config(root: Path) -> tuple[dict[str, Any], str]:
-    config, raw = _read_json(root / "config.json", "the model config")
+    config, raw = read_json(root / "config.json", "the model config")
     if not isinstance(config, dict):
         raise InputError(f"{root / 'config.json'}: not a JSON object")
     for key, kind, what in _CONFIG_TYPES:
@@ -317,7 +292,7 @@ def _read_provenance(root: Path) -> Provenance | None:
     path = root / PROVENANCE_NAME
     if not path.exists():
         return None
-    record, _ = _read_json(path, "the llamapro provenance record")
+    record, _ = read_json(path, "the llamapro provenance record")
     try:
         return Provenance.from_json(record)
     except RecordError as e:
@@ -362,7 +337,7 @@ def _refuse_other_formats(root: Path) -> None:
 def _read_sharded(
     root: Path, index_path: Path
 ) -> tuple[dict[str, Header], dict[str, str], bool, dict[str, Any]]:
-    index, _ = _read_json(index_path, "the shard index")
+    index, _ = read_json(index_path, "the shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index_path}: no weight_map object of tensor name -> shard file")

@@ -27,10 +27,12 @@ from typing import Any
 from llamapro_cli.architectures.registry import renumber_extra
 from llamapro_cli.architectures.rewrite import rewrite_config
 from llamapro_cli.card import CardFacts, write_model_card
-from llamapro_cli.checkpoint import INDEX_NAME, PROVENANCE_NAME, Checkpoint, within_checkpoint
+from llamapro_cli.checkpoint import Checkpoint, within_checkpoint
 from llamapro_cli.errors import InputError, OutputError, UsageError
-from llamapro_cli.io.header import OutTensor, header_bytes, write_shard
+from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
+from llamapro_cli.io.header import OutTensor, header_bytes
 from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
+from llamapro_cli.io.writer import write_shard
 from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, plan_expansion
 from llamapro_cli.provenance import ALGORITHM, SCHEMA_VERSION, Digests, PlanRecord, Provenance, SourceRecord
 from llamapro_cli.version import __version__

@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from llamapro_cli.checkpoint import (
-    INDEX_NAME,
-    PROVENANCE_NAME,
     Checkpoint,
     cross_check,
     hub_offline,
     resolve,
 )
 from llamapro_cli.errors import InputError, OutputError, UsageError
+from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
 from llamapro_cli.io.header import DTYPE_BITS, Header, TensorInfo, tensor_nbytes
 from llamapro_cli.io.outdir import MARKER, is_partial
 from llamapro_cli.version import __version__

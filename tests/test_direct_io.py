@@ -19,22 +19,24 @@ from safetensors import safe_open
 
 from llamapro_cli.errors import InputError, OutputError
 from llamapro_cli.io import direct as direct_io
-from llamapro_cli.io import header as sio
-from llamapro_cli.io.direct import ALIGN, HOLE_MIN
-from llamapro_cli.io.header import OutTensor, header_bytes, read_header, write_shard
+from llamapro_cli.io import writer
+from llamapro_cli.io.direct import HOLE_MIN
+from llamapro_cli.io.header import ALIGN, OutTensor, header_bytes, read_header
+from llamapro_cli.io.runs import zeros_sha256
+from llamapro_cli.io.writer import write_shard
 
 MiB = 1 << 20
 
 
 def _direct_supported(folder: Path) -> bool:
+    """Whether the engine gets O_DIRECT on a file in `folder` (its own switch, `enable_direct`)."""
     probe = folder / "probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    probe.unlink()
-    return hasattr(os, "O_DIRECT")
+        return direct_io.enable_direct(fd)
+    finally:
+        os.close(fd)
+        probe.unlink()
 
 
 @pytest.fixture
@@ -48,6 +50,8 @@ def sources(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def direct_fs(tmp_path: Path) -> None:
     """Skip where tmp_path's filesystem refuses O_DIRECT (tmpfs): the buffered engine runs there."""
+    if not _direct_supported(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT, so the direct engine never runs there")
 
 
 def _layout(a: Path, b: Path) -> list[OutTensor]:
@@ -87,7 +91,7 @@ class _Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.runs = 0
-        real = sio.DirectWriter
+        real = writer.DirectWriter
         spy = self
 
         class Counting(real):  # type: ignore[misc, valid-type]
@@ -95,7 +99,7 @@ class _Spy:
                 spy.runs += 1
                 return super().write(*args, **kwargs)
 
-        monkeypatch.setattr(sio, "DirectWriter", Counting)
+        monkeypatch.setattr(writer, "DirectWriter", Counting)
 
 
 @pytest.mark.parametrize("chunk", [None, "4096", "12288", "65536", "5000"])
@@ -158,7 +162,7 @@ def test_header_padding_follows_the_source_phase(sources: tuple[Path, Path], tmp
 
 
 def test_progress_and_delay(
-    sources: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    direct_fs: None, sources: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLAMAPRO_COPY_CHUNK", "4096")
     monkeypatch.setenv("LLAMAPRO_TEST_CHUNK_DELAY", "0.25")
@@ -178,14 +182,14 @@ def test_auto_selection(
     tensors = _layout(*sources)
     write_shard(tmp_path / "1.safetensors", tensors, {})  # ~3.5 MiB to copy: below DIRECT_MIN
     assert spy.runs == 0
-    monkeypatch.setattr(sio, "DIRECT_MIN", MiB)
+    monkeypatch.setattr(writer, "DIRECT_MIN", MiB)
     write_shard(tmp_path / "2.safetensors", tensors, {})
     assert spy.runs == 1
     monkeypatch.setenv("LLAMAPRO_DIRECT_IO", "0")
     write_shard(tmp_path / "3.safetensors", tensors, {})
     assert spy.runs == 1
     monkeypatch.setenv("LLAMAPRO_DIRECT_IO", "1")
-    monkeypatch.setattr(sio, "DIRECT_MIN", 1 << 40)
+    monkeypatch.setattr(writer, "DIRECT_MIN", 1 << 40)
     write_shard(tmp_path / "4.safetensors", tensors, {})
     assert spy.runs == 2
 
@@ -203,7 +207,7 @@ def test_memory_is_the_buffer_ring(
     monkeypatch.setattr(direct_io.mmap, "mmap", recording)
     monkeypatch.setenv("LLAMAPRO_COPY_CHUNK", str(64 * 1024))
     write_shard(tmp_path / "m.safetensors", _layout(*sources), {}, direct=True, digests=True)
-    assert sizes == [64 * 1024 + ALIGN] * sio.DIRECT_BUFFERS
+    assert sizes == [64 * 1024 + ALIGN] * writer.DIRECT_BUFFERS
 
 
 # --- fallbacks ------------------------------------------------------------------------------------------
@@ -364,6 +368,6 @@ def test_interrupt_removes_file_and_stops_threads(
 
 
 def test_zero_digest_cache() -> None:
-    assert direct_io.zeros_sha256(0) == hashlib.sha256(b"").hexdigest()
+    assert zeros_sha256(0) == hashlib.sha256(b"").hexdigest()
     n = HOLE_MIN * 2 + 5
-    assert direct_io.zeros_sha256(n) == hashlib.sha256(bytes(n)).hexdigest()
+    assert zeros_sha256(n) == hashlib.sha256(bytes(n)).hexdigest()

@@ -1,5 +1,6 @@
-"""safetensors_io: the reader against the real library's files, the writer against the library's bytes,
-every validation rule, holes, digests, chunking, the buffered fallback, and write failures."""
+"""The safetensors format and the buffered writer: the reader against the real library's files, the
+writer against the library's bytes, every validation rule, holes, digests, chunking, the buffered
+fallback, and write failures."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from llamapro_cli.errors import InputError, OutputError
-from llamapro_cli.io import header as sio
+from llamapro_cli.io import buffered
 from llamapro_cli.io.header import (
     DTYPE_BITS,
     MAX_HEADER_SIZE,
@@ -32,8 +33,8 @@ from llamapro_cli.io.header import (
     header_bytes,
     read_header,
     tensor_nbytes,
-    write_shard,
 )
+from llamapro_cli.io.writer import write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32"}
@@ -280,7 +281,7 @@ def test_chunk_delay_sleeps_after_each_chunk(
     monkeypatch.setenv("LLAMAPRO_COPY_CHUNK", "16")
     monkeypatch.setenv("LLAMAPRO_TEST_CHUNK_DELAY", "0.5")
     sleeps: list[float] = []
-    monkeypatch.setattr(sio.time, "sleep", sleeps.append)
+    monkeypatch.setattr(buffered.time, "sleep", sleeps.append)
     calls: list[int] = []
     write_shard(tmp_path / "s.safetensors", _copies_of(lib_file), {}, progress=calls.append)
     assert len(sleeps) == len(calls) > 10 and set(sleeps) == {0.5}
@@ -353,7 +354,8 @@ def test_rlimit_fsize_is_output_error(tmp_path: Path) -> None:
         import resource
         from pathlib import Path
         from llamapro_cli.errors import OutputError
-        from llamapro_cli.io.header import OutTensor, write_shard
+        from llamapro_cli.io.header import OutTensor
+        from llamapro_cli.io.writer import write_shard
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
         src = Path({str(source)!r})
         try:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamapro_cli.architectures.registry import FAMILIES
-from llamapro_cli.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze.map import FreezeMap, TensorEntry, freeze_map, load_manifest
+from llamapro_cli.io.files import INDEX_NAME, SINGLE_NAME
 from llamapro_cli.io.header import TensorInfo, read_header
 from llamapro_cli.io.ranges import CHUNK, read_chunks
 

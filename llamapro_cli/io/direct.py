@@ -10,7 +10,7 @@ on a cold disk this runs at the speed of a direct-I/O `dd` (docs/performance.md 
 
 Alignment: a source range is read with `O_DIRECT` straight into its place in the buffer when its
 source offset and its output offset agree modulo 4096 (the caller pads the output header so that they
-do for most bytes, see `safetensors_io.header_bytes(align=None)`); the few bytes of the aligned block
+do for most bytes, see `header.header_bytes(align=None)`); the few bytes of the aligned block
 before it that the read overwrites are saved and restored. Any other range, a source whose filesystem
 refuses `O_DIRECT`, or a read or write that fails with EINVAL goes through ordinary buffered I/O on the
 same buffer. Zero runs covering at least 1 MiB of whole 4 KiB blocks are left as holes (never written);
@@ -36,30 +36,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llamapro_cli.errors import InputError, OutputError
+from llamapro_cli.io.files import os_message
+from llamapro_cli.io.header import ALIGN, OutTensor
+from llamapro_cli.io.runs import ZEROS, Run, align_down, align_up, plan_runs, zeros_sha256
 
-if TYPE_CHECKING:
-    from llamapro_cli.io.header import OutTensor
-
-ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks, and page alignment of the buffers
 HOLE_MIN = 1 << 20  # zero runs with less than this in whole blocks are written as zeros, not holes
-_ZEROS = memoryview(bytes(HOLE_MIN + 2 * ALIGN))  # calloc'd: reading it maps the zero page, no RSS
-
-
-def align_up(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def align_down(n: int) -> int:
-    return n // ALIGN * ALIGN
-
-
-def _strerror(e: OSError) -> str:
-    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def enable_direct(fd: int) -> bool:
@@ -75,48 +59,6 @@ def enable_direct(fd: int) -> bool:
 
 def disable_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
-
-
-@lru_cache(maxsize=64)
-def zeros_sha256(nbytes: int) -> str:
-    """sha256 of `nbytes` zero bytes (zeroed copies repeat a few sizes: hash each size once)."""
-    digest = hashlib.sha256()
-    for start in range(0, nbytes, len(_ZEROS)):
-        digest.update(_ZEROS[: min(len(_ZEROS), nbytes - start)])
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class _Run:
-    """Consecutive output bytes from one contiguous source range (or zeros when `source` is None)."""
-
-    start: int  # absolute output offset
-    nbytes: int
-    source: Path | None
-    offset: int  # absolute source offset
-    names: tuple[tuple[int, str], ...]  # (output offset, tensor name) of the tensors it covers
-
-
-def plan_runs(tensors: Sequence[OutTensor], data_start: int) -> list[_Run]:
-    """Coalesce tensors that are adjacent in both source and output into single runs."""
-    runs: list[_Run] = []
-    position = data_start
-    for t in tensors:
-        n = t.nbytes
-        if n == 0:
-            continue
-        last = runs[-1] if runs else None
-        if (
-            last is not None
-            and last.source == t.source
-            and (t.source is None or last.offset + last.nbytes == t.offset)
-        ):
-            names = (*last.names, (position, t.name))
-            runs[-1] = _Run(last.start, last.nbytes + n, last.source, last.offset, names)
-        else:
-            runs.append(_Run(position, n, t.source, t.offset, ((position, t.name),)))
-        position += n
-    return runs
 
 
 @dataclass
@@ -137,7 +79,7 @@ class _Source:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self.size = os.fstat(self.fd).st_size
         except OSError as e:
-            raise InputError(f"cannot read {path}: {_strerror(e)}") from e
+            raise InputError(f"cannot read {path}: {os_message(e)}") from e
         self.direct_fd = -1
         with contextlib.suppress(OSError, AttributeError):  # no O_DIRECT here: buffered reads
             self.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
@@ -200,7 +142,7 @@ class DirectWriter:
             self._close()
         return self._digests(tensors)
 
-    def _prepare(self, head: bytes, tensors: Sequence[OutTensor]) -> list[_Run]:
+    def _prepare(self, head: bytes, tensors: Sequence[OutTensor]) -> list[Run]:
         position = len(head)
         for index, t in enumerate(tensors):
             if t.source is not None:
@@ -268,14 +210,14 @@ class DirectWriter:
 
     def _zero_fill(self, nbytes: int) -> None:
         while nbytes:
-            n = min(nbytes, self.chunk - self.fill, len(_ZEROS))
-            self.buf[self.fill : self.fill + n] = _ZEROS[:n]
+            n = min(nbytes, self.chunk - self.fill, len(ZEROS))
+            self.buf[self.fill : self.fill + n] = ZEROS[:n]
             self.fill += n
             nbytes -= n
             self._chunk_done(n)
             self._roll()
 
-    def _copy(self, run: _Run) -> None:
+    def _copy(self, run: Run) -> None:
         assert run.source is not None
         source = self.sources[run.source]
         done = 0
@@ -291,7 +233,7 @@ class DirectWriter:
             self._chunk_done(got)
             self._roll()
 
-    def _name_at(self, run: _Run, done: int) -> str:
+    def _name_at(self, run: Run, done: int) -> str:
         index = bisect.bisect_right([start for start, _ in run.names], run.start + done) - 1
         return run.names[max(index, 0)][1]
 
@@ -305,7 +247,7 @@ class DirectWriter:
                 got = os.preadv(source.direct_fd, [self.buf[lo : lo + align_up(head + n)]], offset - head)
             except OSError as e:
                 if e.errno != errno.EINVAL:
-                    raise InputError(f"cannot read {source.path}: {_strerror(e)}") from e
+                    raise InputError(f"cannot read {source.path}: {os_message(e)}") from e
                 os.close(source.direct_fd)  # this file or range refuses O_DIRECT: buffered from now on
                 source.direct_fd = -1
             else:
@@ -314,7 +256,7 @@ class DirectWriter:
         try:
             return os.preadv(source.fd, [self.buf[self.fill : self.fill + n]], offset)
         except OSError as e:
-            raise InputError(f"cannot read {source.path}: {_strerror(e)}") from e
+            raise InputError(f"cannot read {source.path}: {os_message(e)}") from e
 
     def _submit(self) -> None:
         """Queue the filled part of the current buffer (rounded up to whole blocks) for writing."""
@@ -386,7 +328,7 @@ class DirectWriter:
                 if e.errno == errno.EINVAL and _is_direct(self.fd):
                     disable_direct(self.fd)  # alignment this filesystem refuses: buffered from now on
                     continue
-                raise OutputError(f"cannot write {self.path}: {_strerror(e)}") from e
+                raise OutputError(f"cannot write {self.path}: {os_message(e)}") from e
             view, offset = view[n:], offset + n
 
     def _hash_job(self, lane: int, lanes: int, job: _Job) -> None:

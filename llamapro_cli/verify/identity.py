@@ -30,8 +30,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from llamapro_cli.checkpoint import PROVENANCE_NAME, Checkpoint
+from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
+from llamapro_cli.io.files import PROVENANCE_NAME
 from llamapro_cli.lineage import LayerMapping, layer_mapping
 from llamapro_cli.plan import ExpansionPlan
 from llamapro_cli.verify.inputs import make_inputs
