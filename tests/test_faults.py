@@ -28,7 +28,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llamapro_cli.cli.app import app
-from llamapro_cli.io.outdir import MARKER
+from llamapro_cli.io.leftovers import MARKER
 
 # 4 layers -> 6 layers: a 9.8 MB output shard; 256 KiB chunks with 0.1 s pauses take about 4 s to copy.
 SLOW = {"LLAMAPRO_COPY_CHUNK": str(256 * 1024), "LLAMAPRO_TEST_CHUNK_DELAY": "0.1"}
@@ -106,6 +106,11 @@ def assert_no_leftovers(out: Path) -> None:
     assert not out.exists() and not out.is_symlink()
     assert partials(out) == []
     assert not (out.parent / f".{out.name}.llamapro-lock").exists()
+
+
+def fake_statvfs(*, blocks: int, free: int) -> os.statvfs_result:
+    """A filesystem of `blocks` 1 KB blocks with `free` of them available (the fields free_space reads)."""
+    return os.statvfs_result((1000, 1000, blocks, free, free, 0, 0, 0, 0, 255))
 
 
 def assert_complete(out: Path, layers: int = 6) -> None:
@@ -313,9 +318,7 @@ def test_impossible_targets(src: Path, tmp_path: Path, where: str) -> None:
 
 def test_not_enough_free_space(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = digest(src)
-    monkeypatch.setattr(
-        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6)
-    )  # type: ignore[attr-defined]
+    monkeypatch.setattr(os, "statvfs", lambda path: fake_statvfs(blocks=10**9, free=10**3))
     result = CliRunner().invoke(
         app, ["expand", "--every", "2", "--in", str(src), "--out", str(tmp_path / "out")]
     )

@@ -27,7 +27,7 @@ from llamapro_cli.version import __version__
 
 EXIT_CODES = """Exit codes: 0 success; 1 the check ran and failed;
 2 usage error (incl. a plan that does not fit); 3 bad or unsupported input;
-4 output problem (exists, disk full, permission); 101 internal error; 130/143 SIGINT/SIGTERM."""
+4 output problem (exists, disk full, permission); 101 internal error; 130/143/129 SIGINT/SIGTERM/SIGHUP."""
 
 app = typer.Typer(
     name="llamapro",
@@ -516,9 +516,10 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: explicit SIGINT/SIGTERM handling (130/143, never 'Aborted!')."""
+    """Console-script entry point: explicit SIGINT/SIGTERM/SIGHUP handling (130/143/129, never 'Aborted!')."""
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGHUP, _raise_interrupted)  # a closed terminal: clean up like SIGTERM
     try:
         app()
     except Interrupted as e:
