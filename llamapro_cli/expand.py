@@ -115,14 +115,16 @@ def expand(
     `hub_repo_id`: the repo the output will be pushed to, so the model card's commands name it.
     """
     started = time.monotonic()
+    out_path = Path(out).expanduser().absolute()
+    local = None if isinstance(source, Checkpoint) else Path(source).expanduser()
+    if local is not None and local.is_dir():
+        check_disjoint(local, out_path)  # before a byte is read: no input file may lead into --out
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, revision=revision)
     plan = plan_expansion(
         ckpt.num_layers, every=every, copies=copies, after=after, add=add, placement=placement
     )
-    out_path = Path(out).expanduser().absolute()
-    check_disjoint(ckpt.root, out_path)
+    check_disjoint(ckpt.root, out_path)  # the folder a repo id resolved to, too (hub cache links)
     job = _prepare(ckpt, plan, out_path, parse_size(max_shard_size), command)
-    check_disjoint(ckpt.root, out_path, job.inputs())  # every input file, links resolved
     notes: list[str] = []  # leftovers of killed runs found beside --out (outdir's sweep)
     if not dry_run:
         need = job.bytes_to_write + job.carried_bytes()
@@ -148,13 +150,6 @@ class _Job:
     warnings: tuple[str, ...]
     command: str | None
     card_source: str | None  # the input's README.md text, when it is merged into the model card
-
-    def inputs(self) -> list[Path]:
-        """Every input file the run reads (the folder's own names; `check_disjoint` resolves them)."""
-        root = self.ckpt.root
-        names = ["config.json", INDEX_NAME, PROVENANCE_NAME, "README.md", *self.carried]
-        shards = [header.path for header in self.ckpt.headers.values()]
-        return [*shards, *(root / n for n in names if (root / n).exists() or (root / n).is_symlink())]
 
     def carried_bytes(self) -> int:
         return sum(os.stat(self.ckpt.root / name).st_size for name in self.carried)

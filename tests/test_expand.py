@@ -268,5 +268,7 @@ def test_symlinked_input_gives_real_files(tmp_path: Path) -> None:
         (linked / p.name).symlink_to(Path(".store", p.name))
     expand(linked, tmp_path / "o", every=2)
     assert not any(p.is_symlink() for p in (tmp_path / "o").iterdir())
-    assert (tmp_path / "o" / "generation_config.json").read_bytes() == (real / "generation_config.json").read_bytes()
+    assert (tmp_path / "o" / "generation_config.json").read_bytes() == (
+        real / "generation_config.json"
+    ).read_bytes()
     shutil.rmtree(tmp_path / "o")

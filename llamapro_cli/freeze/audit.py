@@ -16,7 +16,6 @@ convert dtypes.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from llamapro_cli.architectures.registry import FAMILIES
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze.map import FreezeMap, TensorEntry, freeze_map, load_manifest
-from llamapro_cli.io.files import INDEX_NAME, SINGLE_NAME
+from llamapro_cli.io.files import INDEX_NAME, SINGLE_NAME, read_json
 from llamapro_cli.io.header import TensorInfo, read_header
 from llamapro_cli.io.ranges import CHUNK, read_chunks
 
@@ -409,7 +408,7 @@ def trained_files(path: Path) -> list[Path]:
 
 def _indexed_files(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(index, "the shard index")[0]["weight_map"]  # bounded: a few MB at most
         shards = list(dict.fromkeys(str(v) for v in weight_map.values()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{index}: not a shard index with a weight_map ({type(e).__name__})") from None

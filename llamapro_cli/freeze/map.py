@@ -17,7 +17,6 @@ Must not: print, import torch at module level, read tensor data except the zero 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 from llamapro_cli.architectures.registry import Family
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
+from llamapro_cli.io.files import read_json
 from llamapro_cli.lineage import layer_mapping, zeroed_layers
 
 MANIFEST_SCHEMA = 1
@@ -335,12 +335,7 @@ def load_manifest(source: str | Path | Mapping[str, Any]) -> FreezeMap:
     where = str(source) if not isinstance(source, Mapping) else "manifest"
     data: Any = source
     if not isinstance(source, Mapping):
-        try:
-            data = json.loads(Path(source).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{where}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{where}: not a readable JSON file ({e})") from None
+        data = read_json(Path(source), "the freeze-map manifest")[0]  # bounded, one-line errors
     if not isinstance(data, Mapping) or data.get("kind") != MANIFEST_KIND:
         raise InputError(
             f"{where}: not a llamapro freeze-map manifest",

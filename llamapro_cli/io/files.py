@@ -46,14 +46,16 @@ def read_bytes_bounded(path: Path, what: str, *, limit: int = MAX_JSON_SIZE) -> 
     except OSError as e:  # e.g. a folder we may not search: one line, never a bare PermissionError
         raise InputError(f"{path}: cannot read {what}: {os_message(e)}") from e
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
             raise InputError(f"{path}: {what} is not a regular file")
-        data = _read_up_to(fd, limit + 1)
+        # Refused by its size before a byte is read; the bounded read still guards a file that grows.
+        data = _read_up_to(fd, limit + 1) if st.st_size <= limit else b""
     except OSError as e:
         raise InputError(f"{path}: cannot read {what}: {os_message(e)}") from e
     finally:
         os.close(fd)
-    if len(data) > limit:
+    if st.st_size > limit or len(data) > limit:
         raise InputError(f"{path}: {what} is larger than {limit} bytes")
     return data
 

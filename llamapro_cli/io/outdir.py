@@ -30,7 +30,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -44,11 +44,12 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SKIP_SPACE_CHECK = "LLAMAPRO_SKIP_SPACE_CHECK"  # "1": do not compare the free space with the need
 
 
-def check_disjoint(source: Path, out: Path, inputs: Iterable[Path] = ()) -> None:
-    """Refuse an `out` the run must not write: one named like a temporary folder (exit 2), or one whose
-    paths overlap the input — the folder, or any input file (`inputs`: shards, config, index, carried
-    files), links resolved — either way (exit 2). The paths a run writes, renames or deletes are `out`
-    and, beside it, `<out>.partial-*`, `<out>.old-*` and the lock; no input file may resolve into them."""
+def check_disjoint(source: Path, out: Path) -> None:
+    """Refuse an `out` the run must not write (exit 2): one named like a temporary folder, or one whose
+    paths overlap the input — the folder itself, or any file in it, links resolved — either way. The
+    paths a run writes, renames or deletes are `out` and, beside it, `<out>.partial-*`, `<out>.old-*`
+    and the lock: no input file may resolve into them (a folder of links into a previous output is an
+    input that `--force` would otherwise delete)."""
     if PARTIAL_NAME.match(out.name):
         raise UsageError(
             f"--out {out} is named like the temporary folder of an unfinished run (*.partial-<8 hex>)",
@@ -59,12 +60,19 @@ def check_disjoint(source: Path, out: Path, inputs: Iterable[Path] = ()) -> None
         raise UsageError(
             f"--out {out} and the input {source} overlap; the output may not contain the input or lie in it"
         )
-    for path in inputs:
+    for path in _entries(source):
         if _written_by_run(path.resolve(), dst):
             raise UsageError(
                 f"--out {out} and the input overlap: {path} resolves to {path.resolve()}, which this run "
                 "would replace or delete"
             )
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError:  # unreadable: reading the checkpoint reports it
+        return []
 
 
 def _written_by_run(target: Path, out: Path) -> bool:
