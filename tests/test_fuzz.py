@@ -36,12 +36,16 @@ import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llamapro_cli.card import MAX_METADATA_NODES, CardFacts, model_card
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.cli import console
 from llamapro_cli.cli.inspect import render_inspect
 from llamapro_cli.describe import describe_checkpoint
 from llamapro_cli.errors import LlamaproError
 from llamapro_cli.expand import expand
+from llamapro_cli.io.header import DTYPE_BITS, read_header, tensor_nbytes
+from llamapro_cli.io.manifest import MANIFEST, first_foreign, remove_owned, write_manifest
+from llamapro_cli.plan import plan_expansion
 
 CAMPAIGN = os.environ.get("LLAMAPRO_FUZZ_EXAMPLES")
 EXAMPLES = int(CAMPAIGN or 100)
@@ -538,3 +542,164 @@ def test_messages_are_one_line_each(message: str, hint: str | None) -> None:
     for emit, lines in emits:
         shown = _shown(emit, terminal=False, no_color=False)
         assert not RAW_CONTROL.search(shown) and shown.count("\n") == lines, shown
+
+
+_dims = (
+    st.sampled_from([0, 1, 2, 3, 7, 8])
+    | st.sampled_from([2**k + d for k in (31, 32, 40, 61, 62, 63, 64, 65) for d in (-1, 0, 1)])
+    | st.integers(min_value=0, max_value=2**66)
+)
+
+
+def _one_tensor_file(root: Path, dtype: str, shape: list[int], span: int) -> Path:
+    text = json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, span]}}).encode()
+    path = root / "one.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * span)
+    return path
+
+
+@FUZZ
+@given(dtype=st.sampled_from(sorted(DTYPE_BITS)), shape=st.lists(_dims, max_size=5), span=st.integers(0, 64))
+def test_shapes_are_accepted_exactly_as_safetensors_accepts_them(
+    dtype: str, shape: list[int], span: int
+) -> None:
+    # The class "accepts what the library refuses" (an unloadable output): checked dimension by dimension
+    # in 64-bit arithmetic, as the library's checked_mul does, even past a zero dimension.
+    from safetensors import safe_open
+
+    with contextlib.suppress(ValueError):
+        span = tensor_nbytes(dtype, shape) if span % 2 else span  # half the examples: the matching span
+    if span > 64:
+        span = 0
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-"))
+    try:
+        path = _one_tensor_file(root, dtype, shape, span)
+        try:
+            with safe_open(str(path), "np"):
+                library = True
+        except Exception:  # SafetensorError (and serde's errors) for every refusal
+            library = False
+        with bounded():
+            try:
+                read_header(path)
+                ours = True
+            except LlamaproError:
+                ours = False
+        assert ours == library, (dtype, shape, span)
+    finally:
+        shutil.rmtree(root)
+
+
+@FUZZ
+@given(
+    digits=st.integers(min_value=20, max_value=4000),
+    count=st.integers(min_value=1, max_value=400),
+    tail=st.sampled_from([[0], [], [1]]),
+)
+def test_shape_bombs_are_refused_in_linear_time(digits: int, count: int, tail: list[int]) -> None:
+    # Hundreds of thousand-digit dimensions: refused at the first one, never multiplied (the timer and
+    # the memory cap of `read_folder` fail the test otherwise).
+    header, body = _split_shard(BASE[SHARDS[1]])
+    header["model.norm.weight"]["shape"] = [10**digits - 1] * count + tail
+    message = read_folder({**BASE, SHARDS[1]: _join_shard(header, body)})
+    assert "does not fit 64 bits" in message
+
+
+@st.composite
+def alias_cards(draw: st.DrawFn) -> str:
+    """YAML metadata built of anchors whose values reference earlier anchors many times over."""
+    lines = [f"a0: &a0 {json.dumps(draw(st.lists(st.text(max_size=4), max_size=9)))}"]
+    for i in range(1, draw(st.integers(min_value=1, max_value=12))):
+        refs = draw(st.lists(st.integers(min_value=0, max_value=i - 1), min_size=1, max_size=12))
+        if draw(st.booleans()):
+            lines.append(f"a{i}: &a{i} [" + ", ".join(f"*a{r}" for r in refs) + "]")
+        else:
+            lines.append(f"a{i}: &a{i} {{" + ", ".join(f"k{j}: *a{r}" for j, r in enumerate(refs)) + "}")
+    extra = draw(st.sampled_from(["", "license: mit\n", "self: &s [*s]\n", "tags: [x, y]\n"]))
+    return "---\n" + extra + "\n".join(lines) + "\n---\n# Card\n"
+
+
+@FUZZ
+@given(text=alias_cards())
+def test_card_metadata_never_expands_past_its_budget(text: str) -> None:
+    facts = CardFacts(
+        name="x",
+        model_ref="./x",
+        source="/in",
+        base_model=None,
+        revision=None,
+        architecture="llama",
+        command=None,
+        plan=plan_expansion(2, every=1),
+        parameters_in=1,
+        parameters_out=2,
+        digests=False,
+        original=text,
+    )
+    with bounded():
+        card = str(model_card(facts))
+    assert len(card) < 2 * MAX_METADATA_NODES * 64 + len(text) + 10_000
+
+
+_RECORDED = {"llamapro.json": b"{}", "config.json": b'{"a": 1}', "model.safetensors": b"\0" * 4096}
+
+
+@st.composite
+def output_mutations(draw: st.DrawFn) -> list[tuple[str, str]]:
+    kinds = st.sampled_from(["add-file", "add-folder", "add-link", "rewrite", "resize", "touch", "record"])
+    names = st.sampled_from([*_RECORDED, "notes.txt", "checkpoint-1000"])
+    return draw(st.lists(st.tuples(kinds, names), max_size=3))
+
+
+def _mutate(folder: Path, kind: str, name: str) -> None:
+    path = folder / name
+    if kind == "add-file" and not path.exists():
+        path.write_text("user data")
+    elif kind == "add-folder" and not path.exists():
+        path.mkdir()
+        (path / "optimizer.pt").write_text("user data")
+    elif kind == "add-link" and not path.exists():
+        path.symlink_to("/etc/hostname")
+    elif kind == "rewrite" and path.is_file() and not path.is_symlink():
+        stat = path.stat()
+        path.write_bytes(bytes(b ^ 1 for b in path.read_bytes()))  # same size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime: only the hash tells
+    elif kind == "resize" and path.is_file() and not path.is_symlink():
+        path.write_bytes(path.read_bytes() + b"user data")
+    elif kind == "touch" and path.is_file() and not path.is_symlink():
+        os.utime(path, ns=(0, path.stat().st_mtime_ns + 1))
+    elif kind == "record":
+        (folder / MANIFEST).write_text(draw_record(name))
+
+
+def draw_record(name: str) -> str:
+    return {
+        "llamapro.json": "not json",
+        "config.json": "[]",
+        "model.safetensors": '{"llamapro_files": 1}',
+    }.get(name, '{"llamapro_files": 1, "files": {"llamapro.json": {"size": 2, "mtime_ns": 0}}}')
+
+
+@FUZZ
+@given(mutations=output_mutations())
+def test_force_removes_only_recorded_files(mutations: list[tuple[str, str]]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-"))
+    try:
+        folder = root / "out"
+        folder.mkdir()
+        for name, data in _RECORDED.items():
+            (folder / name).write_bytes(data)
+        write_manifest(folder)
+        for kind, name in mutations:
+            _mutate(folder, kind, name)
+        before = sorted(str(p) for p in folder.rglob("*"))
+        foreign = first_foreign(folder)
+        left = remove_owned(folder)
+        if not mutations:  # exactly what was recorded: ours, all of it removed
+            assert foreign is None and left is None
+        if foreign is not None:  # anything foreign: nothing at all is removed
+            assert left is not None and sorted(str(p) for p in folder.rglob("*")) == before
+        else:
+            assert not folder.exists()
+    finally:
+        shutil.rmtree(root)

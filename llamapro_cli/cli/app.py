@@ -3,7 +3,7 @@
 Each command lives in the module of its group (`inspect`, `expand`, `verify`, `freeze`, `hub`, `demo`)
 with its examples beside it; this module only assembles them. Errors: every `LlamaproError` becomes
 `error: …` (+ `hint: …`) on stderr and its exit code; anything else is a bug (exit 101, traceback only
-with LLAMAPRO_DEBUG=1). SIGINT/SIGTERM exit 130/143 with one line, never Typer's "Aborted!". Heavy
+with LLAMAPRO_DEBUG=1). SIGINT/SIGTERM/SIGHUP exit 130/143/129 with one line, never Typer's "Aborted!". Heavy
 imports (huggingface_hub, torch, transformers) happen inside the commands so `llamapro --help` stays fast.
 
 Must not: contain surgery logic; be imported by any library module.
@@ -31,7 +31,7 @@ from llamapro_cli.version import __version__
 EXIT_CODES = """Exit codes: 0 success; 1 the check ran and failed;
 2 usage error (incl. a plan that does not fit); 3 bad or unsupported input;
 4 output problem (exists, disk full, permission, stdout not writable); 101 internal error;
-130/143 SIGINT/SIGTERM; 141 the reader of stdout stopped reading."""
+130/143/129 SIGINT/SIGTERM/SIGHUP; 141 the reader of stdout stopped reading."""
 
 # Workflow order: `llamapro --help` lists them so.
 COMMANDS: tuple[CommandSpec, ...] = (
@@ -133,9 +133,10 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: explicit SIGINT/SIGTERM handling (130/143, never 'Aborted!')."""
+    """Console-script entry point: explicit SIGINT/SIGTERM/SIGHUP handling (130/143/129, never 'Aborted!')."""
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGHUP, _raise_interrupted)  # a closed terminal: clean up like SIGTERM
     try:
         app()
     except Interrupted as e:

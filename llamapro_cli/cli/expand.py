@@ -188,7 +188,7 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         ("parameters", f"{human_count(report.parameters_in)} -> {human_count(report.parameters_out)}"),
         ("zeroed tensors", str(report.zeroed)),
         (verb, f"{human_bytes(report.total_size)} in {len(report.shards)} shard(s)"),
-        ("free space", human_bytes(report.free_space)),
+        ("free space", "unknown" if report.free_space is None else human_bytes(report.free_space)),
     ]
     if not report.dry_run:
         rows.append(("time", f"{report.seconds:.1f} s"))

@@ -32,6 +32,7 @@ from llamapro_cli.io.buffered import BufferedWriter
 from llamapro_cli.io.direct import DirectWriter, enable_direct
 from llamapro_cli.io.files import os_message
 from llamapro_cli.io.header import OutTensor, header_bytes
+from llamapro_cli.io.sources import SourceFiles
 
 DEFAULT_CHUNK = 64 * 1024 * 1024
 DIRECT_CHUNK = 8 * 1024 * 1024
@@ -65,16 +66,26 @@ def _write(
     progress: Callable[[int], None] | None,
     direct: bool,
     delay: float,
+    files: SourceFiles | None,
 ) -> dict[str, str]:
     if direct and enable_direct(fd):
         buffers = int(os.environ.get("LLAMAPRO_IO_BUFFERS") or DIRECT_BUFFERS)
         chunk = _chunk(DIRECT_CHUNK)
         writer = DirectWriter(
-            fd, path, chunk=chunk, buffers=buffers, digests=digests, progress=progress, delay=delay
+            fd,
+            path,
+            chunk=chunk,
+            buffers=buffers,
+            digests=digests,
+            progress=progress,
+            delay=delay,
+            files=files,
         )
         return writer.write(head, tensors)
     chunk = _chunk(DEFAULT_CHUNK)
-    buffered = BufferedWriter(fd, path, chunk=chunk, digests=digests, progress=progress, delay=delay)
+    buffered = BufferedWriter(
+        fd, path, chunk=chunk, digests=digests, progress=progress, delay=delay, files=files
+    )
     return buffered.write(head, tensors)
 
 
@@ -87,12 +98,15 @@ def write_shard(
     progress: Callable[[int], None] | None = None,
     align: int | None = 8,
     direct: bool | None = None,
+    sources: SourceFiles | None = None,
 ) -> dict[str, str]:
     """Write a new safetensors file at `path` (which must not exist); {name: sha256 hex} when `digests`.
 
     Tensors are laid out contiguously in the order given. On any failure the partial file is removed.
     `direct`: True/False forces the direct-I/O/buffered engine, None decides by size and
     `LLAMAPRO_DIRECT_IO`; the bytes are the same either way (`align=None` suits the direct engine).
+    `sources`: the run's open input files (`io.sources`), so every shard reads the files whose headers
+    were read; None opens them for this shard alone.
     """
     head = header_bytes(tensors, metadata, align)
     total = len(head) + sum(t.nbytes for t in tensors)
@@ -105,7 +119,15 @@ def write_shard(
         raise OutputError(f"cannot write {path}: {os_message(e)}") from e
     try:
         hashes = _write(
-            fd, path, head, tensors, digests=digests, progress=progress, direct=use_direct, delay=delay
+            fd,
+            path,
+            head,
+            tensors,
+            digests=digests,
+            progress=progress,
+            direct=use_direct,
+            delay=delay,
+            files=sources,
         )
         try:
             os.ftruncate(fd, total)  # materialises a trailing hole, cuts the last block's padding
