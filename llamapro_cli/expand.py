@@ -32,7 +32,7 @@ from llamapro_cli.errors import InputError, OutputError, UsageError
 from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
 from llamapro_cli.io.header import OutTensor, header_bytes
 from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
-from llamapro_cli.io.writer import write_shard
+from llamapro_cli.io.writer import space_needed, write_shard
 from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, plan_expansion
 from llamapro_cli.version import __version__
 
@@ -67,6 +67,7 @@ class ShardReport:
     name: str
     tensors: int
     bytes: int
+    engine: str | None = None  # what wrote it: clone, direct or buffered (None in a dry run)
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,15 @@ def expand(
     check_disjoint(ckpt.root, out_path)
     job = _prepare(ckpt, plan, out_path, parse_size(max_shard_size), command)
     notes: list[str] = []  # leftovers of killed runs found beside --out (outdir's sweep)
+    engines: dict[str, str] = {}  # shard name -> the engine that wrote it
     if not dry_run:
-        with atomic_output(out_path, force=force, need_bytes=job.bytes_to_write, notes=notes.append) as tmp:
-            _write(job, tmp, digests=digests, progress=progress)
+        # On a filesystem that shares extents, only what the clone engine writes needs free space.
+        need = space_needed([ts for _, ts in job.shards], job.metadata(), out_path.parent)
+        with atomic_output(out_path, force=force, need_bytes=need, notes=notes.append) as tmp:
+            engines = _write(job, tmp, digests=digests, progress=progress)
             write_model_card(tmp / "README.md", _card_facts(job, digests=digests, hub_repo_id=hub_repo_id))
-    report = job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=time.monotonic() - started)
+    seconds = time.monotonic() - started
+    report = job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=seconds, engines=engines)
     return replace(report, warnings=report.warnings + tuple(notes)) if notes else report
 
 
@@ -178,10 +183,17 @@ class _Job:
         meta["llamapro_provenance_sha256"] = "0" * 64  # placeholder of the real length, set in _write
         return meta
 
-    def report(self, *, dry_run: bool, digests: bool, seconds: float) -> ExpandReport:
+    def report(
+        self, *, dry_run: bool, digests: bool, seconds: float, engines: dict[str, str]
+    ) -> ExpandReport:
         meta = self.metadata()
         shard_reports = tuple(
-            ShardReport(name, len(ts), len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts))
+            ShardReport(
+                name,
+                len(ts),
+                len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts),
+                engines.get(name),
+            )
             for name, ts in self.shards
         )
         return ExpandReport(
@@ -325,7 +337,7 @@ def _companions(root: Path) -> tuple[list[str], list[str]]:
     return carried, not_copied
 
 
-def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> None:
+def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> dict[str, str]:
     total = job.bytes_to_write + sum(t.nbytes for _, ts in job.shards for t in ts if t.source is None)
     done = 0
 
@@ -339,9 +351,16 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
     record = _provenance(job)
     meta["llamapro_provenance_sha256"] = _sha256_json(record)
     hashes: dict[str, str] = {}
+    engines: dict[str, str] = {}
+    known: dict[tuple[Path, int, int], str] = {}  # each source range is hashed once, for every shard
     for name, tensors in job.shards:
-        # align=None: header padded so the direct-I/O engine reads most tensors straight into place.
-        hashes.update(write_shard(tmp / name, tensors, meta, digests=digests, progress=step, align=None))
+        # align=None: header padded so that copied bytes keep their source's block phase (cloned, or
+        # read straight into place by the direct-I/O engine).
+        written = write_shard(
+            tmp / name, tensors, meta, digests=digests, progress=step, align=None, known=known
+        )
+        hashes.update(written.digests)
+        engines[name] = written.engine.value
     if len(job.shards) > 1:
         _write_index(tmp / INDEX_NAME, job)
     _write_json(tmp / "config.json", job.config)
@@ -350,6 +369,7 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
     _write_json(tmp / PROVENANCE_NAME, record)
     for name in job.carried:
         _carry(job.ckpt.root / name, tmp / name)
+    return engines
 
 
 def _carry(src: Path, dst: Path) -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -241,6 +242,7 @@ def render_expand(report: Any, *, quiet: bool = False) -> None:
         ("free space", human_bytes(report.free_space)),
     ]
     if not report.dry_run:
+        rows.append(("engine", _engines(report.shards)))
         rows.append(("time", f"{report.seconds:.1f} s"))
     out.print(key_value_table(rows))
     if report.dry_run:
@@ -256,6 +258,14 @@ def render_expand(report: Any, *, quiet: bool = False) -> None:
         out.print(shards)
     elif new and not quiet:
         note(f"next: llamapro verify-identity --out {report.out}")
+
+
+def _engines(shards: Sequence[Any]) -> str:
+    """Which engine wrote the shards: "clone", or "direct (3 shards), buffered (1 shard)"."""
+    counts = Counter(shard.engine for shard in shards)
+    if len(counts) == 1:
+        return str(next(iter(counts)))
+    return ", ".join(f"{name} ({n} shard{'s' if n > 1 else ''})" for name, n in counts.items())
 
 
 def _pairs(layers: Sequence[Any]) -> list[tuple[int, int]]:
