@@ -33,7 +33,7 @@ from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
 from llamapro_cli.io.header import OutTensor, header_bytes
 from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
 from llamapro_cli.io.sources import SourceFiles
-from llamapro_cli.io.writer import write_shard
+from llamapro_cli.io.writer import space_needed, write_shard
 from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, parse_int, plan_expansion, shown
 from llamapro_cli.provenance import ALGORITHM, SCHEMA_VERSION, Digests, PlanRecord, Provenance, SourceRecord
 from llamapro_cli.version import __version__
@@ -50,6 +50,7 @@ class ShardSummary:
     name: str
     tensors: int
     bytes: int
+    engine: str | None = None  # what wrote it: clone, direct or buffered (None in a dry run)
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,16 @@ def expand(
     check_disjoint(ckpt.root, out_path)  # the folder a repo id resolved to, too (hub cache links)
     job = _prepare(ckpt, plan, out_path, parse_size(max_shard_size), command)
     notes: list[str] = []  # leftovers of killed runs found beside --out (outdir's sweep)
+    engines: dict[str, str] = {}  # shard name -> the engine that wrote it
     if not dry_run:
-        need = job.bytes_to_write + job.carried_bytes()
+        # On a filesystem that shares extents, only what the clone engine writes needs free space.
+        need = space_needed([ts for _, ts in job.shards], job.metadata(), out_path.parent)
+        need += job.carried_bytes()
         with atomic_output(out_path, force=force, need_bytes=need, notes=notes.append) as tmp:
-            _write(job, tmp, digests=digests, progress=progress)
+            engines = _write(job, tmp, digests=digests, progress=progress)
             write_model_card(tmp / "README.md", _card_facts(job, digests=digests, hub_repo_id=hub_repo_id))
-    report = job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=time.monotonic() - started)
+    seconds = time.monotonic() - started
+    report = job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=seconds, engines=engines)
     return replace(report, warnings=report.warnings + tuple(notes)) if notes else report
 
 
@@ -168,10 +173,17 @@ class _Job:
     def metadata(self) -> dict[str, str]:
         return job_metadata(self.ckpt, self.plan)
 
-    def report(self, *, dry_run: bool, digests: bool, seconds: float) -> ExpandReport:
+    def report(
+        self, *, dry_run: bool, digests: bool, seconds: float, engines: dict[str, str]
+    ) -> ExpandReport:
         meta = self.metadata()
         shard_reports = tuple(
-            ShardSummary(name, len(ts), len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts))
+            ShardSummary(
+                name,
+                len(ts),
+                len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts),
+                engines.get(name),
+            )
             for name, ts in self.shards
         )
         return ExpandReport(
@@ -316,7 +328,7 @@ def _split(tensors: list[OutTensor], max_shard: int) -> Shards:
     )
 
 
-def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> None:
+def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> dict[str, str]:
     total = job.bytes_to_write + sum(t.nbytes for _, ts in job.shards for t in ts if t.source is None)
     done = 0
 
@@ -330,16 +342,26 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
     record = _provenance(job)
     meta["llamapro_provenance_sha256"] = _sha256_json(record.to_json())
     hashes: dict[str, str] = {}
+    engines: dict[str, str] = {}
+    known: dict[tuple[Path, int, int], str] = {}  # each source range is hashed once, for every shard
     stamps = {h.path: h.stamp for h in job.ckpt.headers.values() if h.stamp is not None}
     with SourceFiles(stamps) as sources:
         sources.open_all()  # each source once per run: the very files whose headers were read
         for name, tensors in job.shards:
-            # align=None: header padded so the direct-I/O engine reads most tensors straight into place.
-            hashes.update(
-                write_shard(
-                    tmp / name, tensors, meta, digests=digests, progress=step, align=None, sources=sources
-                )
+            # align=None: header padded so that copied bytes keep their source's block phase (cloned,
+            # or read straight into place by the direct-I/O engine).
+            written = write_shard(
+                tmp / name,
+                tensors,
+                meta,
+                digests=digests,
+                progress=step,
+                align=None,
+                known=known,
+                sources=sources,
             )
+            hashes.update(written.digests)
+            engines[name] = written.engine.value
             sources.verify()  # a source changed during this shard: stop before anything is published
     if len(job.shards) > 1:
         _write_index(tmp / INDEX_NAME, job)
@@ -349,6 +371,7 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
     _write_json(tmp / PROVENANCE_NAME, record.to_json())
     for name in job.carried:
         carry(job.ckpt.root, job.ckpt.root / name, tmp / name)
+    return engines
 
 
 def _write_index(path: Path, job: _Job) -> None:

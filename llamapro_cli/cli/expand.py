@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -22,7 +24,7 @@ from llamapro_cli.cli.options import CommandSpec, JsonOpt, PrivateOpt, QuietOpt,
 from llamapro_cli.plan import Placement, plan_options
 
 if TYPE_CHECKING:
-    from llamapro_cli.expand import ExpandReport
+    from llamapro_cli.expand import ExpandReport, ShardSummary
 
 EXAMPLES = (
     "llamapro expand --every 4 --in ./llama2-7b --out ./pro-8b      (32 -> 40 layers, LLaMA Pro)",
@@ -191,6 +193,7 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         ("free space", "unknown" if report.free_space is None else human_bytes(report.free_space)),
     ]
     if not report.dry_run:
+        rows.append(("engine", _engines(report.shards)))
         rows.append(("time", f"{report.seconds:.1f} s"))
     console.print_rows(rows)
     if report.dry_run:
@@ -207,3 +210,11 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         )
     elif copies and not quiet:
         console.note(f"next: llamapro verify-identity --out {report.out}")
+
+
+def _engines(shards: Sequence[ShardSummary]) -> str:
+    """Which engine wrote the shards: "clone", or "direct (3 shards), buffered (1 shard)"."""
+    counts = Counter(shard.engine for shard in shards)
+    if len(counts) == 1:
+        return str(next(iter(counts)))
+    return ", ".join(f"{name} ({n} shard{'s' if n > 1 else ''})" for name, n in counts.items())

@@ -33,14 +33,23 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamapro_cli.errors import InputError, OutputError
 from llamapro_cli.io.files import os_message
 from llamapro_cli.io.header import ALIGN, OutTensor
-from llamapro_cli.io.runs import ZEROS, Run, align_down, align_up, plan_runs, zeros_sha256
+from llamapro_cli.io.runs import (
+    ZEROS,
+    DigestKey,
+    Run,
+    align_down,
+    align_up,
+    digest_key,
+    plan_runs,
+    zeros_sha256,
+)
 from llamapro_cli.io.sources import SourceFiles
 
 HOLE_MIN = 1 << 20  # zero runs with less than this in whole blocks are written as zeros, not holes
@@ -96,10 +105,12 @@ class DirectWriter:
         digests: bool,
         progress: Callable[[int], None] | None,
         delay: float = 0.0,
+        known: Mapping[DigestKey, str] | None = None,
         files: SourceFiles | None = None,
     ) -> None:
         self.fd, self.path, self.digests, self.progress, self.delay = fd, path, digests, progress, delay
         self.files, self.own_files = files or SourceFiles(), files is None
+        self.known = known or {}  # digests of bytes hashed before (an earlier shard): not hashed again
         self.chunk = max(ALIGN, align_up(chunk))
         self.maps = [mmap.mmap(-1, self.chunk + ALIGN) for _ in range(max(2, buffers))]
         self.free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
@@ -112,13 +123,17 @@ class DirectWriter:
         self.sources: dict[Path, _Source] = {}
         self.hashes: list[hashlib._Hash | None] = []
         self.buf, self.base, self.fill = memoryview(b""), 0, 0
-        self.spans: list[tuple[int, int, int]] = []  # (start, end, tensor index) of copied tensors
+        self.spans: list[tuple[int, int, int]] = []  # (start, end, tensor index) of tensors to hash
         self.next_span = 0
 
     # --- the calling thread ------------------------------------------------------------------------------
 
-    def write(self, head: bytes, tensors: Sequence[OutTensor]) -> dict[str, str]:
-        """Write `head` then `tensors` from offset 0; {name: sha256} when digesting."""
+    def write(self, head: bytes, tensors: Sequence[OutTensor], *, start: int = 0) -> dict[str, str]:
+        """Write `head` then `tensors` from offset `start` (a block boundary; the clone engine writes a
+        stretch of its file this way); {name: sha256} when digesting."""
+        if start % ALIGN:
+            raise ValueError(f"start {start} is not a multiple of {ALIGN}")
+        self.base = start
         try:
             runs = self._prepare(head, tensors)
             self._start_threads()
@@ -137,14 +152,19 @@ class DirectWriter:
         return self._digests(tensors)
 
     def _prepare(self, head: bytes, tensors: Sequence[OutTensor]) -> list[Run]:
-        position = len(head)
+        """Check the source ranges; choose the tensors to hash: each distinct source range once."""
+        position, first = self.base + len(head), set[DigestKey]()
+        self.hashes = [None] * len(tensors)
         for index, t in enumerate(tensors):
-            if t.source is not None:
+            key = digest_key(t)
+            if key is not None:
                 self._check_range(t)
-                self.spans.append((position, position + t.nbytes, index))
+                if self.digests and key not in self.known and key not in first:
+                    first.add(key)
+                    self.hashes[index] = hashlib.sha256()
+                    self.spans.append((position, position + t.nbytes, index))
             position += t.nbytes
-        self.hashes = [hashlib.sha256() if self.digests else None for _ in tensors]
-        return plan_runs(tensors, len(head))
+        return plan_runs(tensors, self.base + len(head))
 
     def _check_range(self, t: OutTensor) -> None:
         assert t.source is not None
@@ -277,11 +297,14 @@ class DirectWriter:
     def _digests(self, tensors: Sequence[OutTensor]) -> dict[str, str]:
         if not self.digests:
             return {}
-        return {
-            t.name: zeros_sha256(t.nbytes) if t.source is None else h.hexdigest()
-            for t, h in zip(tensors, self.hashes, strict=True)
-            if h is not None
+        computed = {
+            digest_key(t): h.hexdigest() for t, h in zip(tensors, self.hashes, strict=True) if h is not None
         }
+        out = {}
+        for t in tensors:
+            key = digest_key(t)
+            out[t.name] = zeros_sha256(t.nbytes) if key is None else computed.get(key) or self.known[key]
+        return out
 
     # --- the worker threads ------------------------------------------------------------------------------
 
@@ -313,6 +336,8 @@ class DirectWriter:
                 self.free.put(job.buffer)
 
     def _write_job(self, job: _Job) -> None:
+        if self.fd < 0:  # a read-only pass (`digests.hash_sources`): the bytes are only hashed
+            return
         view, offset = job.buffer[: job.length], job.base
         while view:
             try:
