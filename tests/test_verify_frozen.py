@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from llamapro_cli.cli.output import to_jsonable
+from llamapro_cli.cli.console import to_jsonable
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 

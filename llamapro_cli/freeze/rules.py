@@ -62,7 +62,7 @@ def axolotl(unfrozen_parameters: Sequence[str], names: Sequence[str]) -> set[str
 
 def llama_factory_ids(num_layers: int, k: int) -> list[int] | None:
     """The layers `use_llama_pro` trains for `freeze_trainable_layers: k` (None: LLaMA-Factory raises)."""
-    if k <= 0 or num_layers % k:
+    if k <= 0 or num_layers < k or num_layers % k:
         return None
     stride = num_layers // k
     return list(range(stride - 1, num_layers + stride - 1, stride))

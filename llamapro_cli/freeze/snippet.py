@@ -123,7 +123,7 @@ def counts(fm: FreezeMap, rule: str) -> str:
 
 def _trainable_numel(fm: FreezeMap) -> int:
     numel = fm.parameter_numel()
-    return sum(numel[n] for n in fm.trainable_parameters)
+    return sum(numel.get(n, 0) for n in fm.trainable_parameters)  # a parameter without a tensor: none
 
 
 def pitfalls(fm: FreezeMap, *, checkpointing: str) -> list[str]:
