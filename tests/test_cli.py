@@ -507,3 +507,25 @@ def test_numbers_in_options_are_bounded_usage_errors(
     assert result.exit_code == 2, result.stderr
     assert result.stderr.startswith(f"error: {message}") and len(result.stderr) < 300
     assert result.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_guide_shows_what_the_demo_prints(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
+    section = page.split("## The same on the demo checkpoint", 1)[1]
+    block = re.search(r"```text\n(.*?)```", section, flags=re.S)
+    assert block is not None
+    work = tmp_path / "work"
+    work.mkdir()
+    shown = []
+    for command in re.findall(r"^\$ llamapro (.+)$", block.group(1), flags=re.M):
+        proc = subprocess.run(
+            [sys.executable, "-m", "llamapro_cli", *shlex.split(command)],
+            cwd=work,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # interleaved as on a terminal: each stream is written unbuffered
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"},
+        )
+        shown.append(f"$ llamapro {command}\n" + proc.stdout.replace(str(work), "/work"))
+    volatile = re.compile(r"^(free space|time) +.*$", flags=re.M)  # the disk's and the clock's
+    assert volatile.sub(r"\1", "".join(shown)) == volatile.sub(r"\1", block.group(1))

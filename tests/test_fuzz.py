@@ -478,7 +478,7 @@ def _renderers() -> dict[str, tuple[type, Callable[[Any], None]]]:
     from llamapro_cli.expand import ExpandReport
     from llamapro_cli.freeze.audit import FrozenReport
     from llamapro_cli.freeze.map import FreezeMap
-    from llamapro_cli.freeze.trainers import Snippet
+    from llamapro_cli.freeze.trainers import Format, Snippet
     from llamapro_cli.hub import PushReport
     from llamapro_cli.verify.identity import IdentityReport
 
@@ -486,7 +486,7 @@ def _renderers() -> dict[str, tuple[type, Callable[[Any], None]]]:
         "inspect": (InspectReport, render_inspect),
         "expand": (ExpandReport, cli_expand.render_expand),
         "verify-identity": (IdentityReport, verify.render_identity),
-        "freeze-map": (FreezeMap, freeze.render_freeze_map),
+        "freeze-map": (FreezeMap, lambda fm: freeze.render_freeze_map(fm, (Format.AXOLOTL, Format.HF))),
         "snippet": (Snippet, freeze.render_snippet),
         "verify-frozen": (FrozenReport, freeze.render_frozen),
         "push": (PushReport, hub.render_push),

@@ -93,7 +93,7 @@ def freeze_map(
     from llamapro_cli.errors import UsageError
     from llamapro_cli.freeze.apply import freeze_map_from
     from llamapro_cli.freeze.map import freeze_map as build_map
-    from llamapro_cli.freeze.trainers import render
+    from llamapro_cli.freeze.trainers import render, usable_formats
 
     if json_ and format_ not in (Format.TEXT, Format.JSON):
         raise UsageError(f"--json conflicts with --format {format_.value}")
@@ -104,7 +104,7 @@ def freeze_map(
     if json_ or format_ is Format.JSON:
         console.print_json(fm)
     elif format_ is Format.TEXT:
-        render_freeze_map(fm)
+        render_freeze_map(fm, usable_formats(fm))
     else:
         render_snippet(render(fm, format_))
 
@@ -114,8 +114,9 @@ FREEZE_MAP = CommandSpec(
 )
 
 
-def render_freeze_map(fm: FreezeMap) -> None:
-    """The human summary of a `FreezeMap` (`freeze-map --format text`), then what to run next."""
+def render_freeze_map(fm: FreezeMap, usable: Sequence[Format]) -> None:
+    """The human summary of a `FreezeMap` (`freeze-map --format text`), then what to run next: the
+    trainer formats in `usable` (those that can express this map, decided by the library)."""
     total = fm.trainable_numel + fm.frozen_numel
     pct = 100.0 * fm.trainable_numel / total if total else 0.0
     rows = [
@@ -147,9 +148,7 @@ def render_freeze_map(fm: FreezeMap) -> None:
     console.print_rows(rows)
     for text in fm.notes:
         console.note(f"note: {text}")
-    from llamapro_cli.freeze.trainers import usable_formats
-
-    first, *others = [*(f.value for f in usable_formats(fm)), "json"]  # pasteable: no a|b|c for the shell
+    first, *others = [*(f.value for f in usable), "json"]  # pasteable: no a|b|c for the shell
     console.note(
         f"next: llamapro freeze-map {shlex.quote(fm.checkpoint)} --format {first}  (or {', '.join(others)})"
     )
