@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
 from llamapro_cli.cli.app import app
-from llamapro_cli.cli.output import to_jsonable
+from llamapro_cli.cli.console import to_jsonable
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.expand import expand
 from llamapro_cli.freeze import rules

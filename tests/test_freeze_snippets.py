@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llamapro_cli.cli.output import to_jsonable
+from llamapro_cli.cli.console import to_jsonable
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.expand import expand
 from llamapro_cli.freeze.manifest import load_manifest

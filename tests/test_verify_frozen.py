@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from llamapro_cli.cli.app import app
-from llamapro_cli.cli.output import to_jsonable
+from llamapro_cli.cli.console import to_jsonable
 from llamapro_cli.errors import InputError, LlamaproError
 from llamapro_cli.expand import expand
 from llamapro_cli.freeze.apply import freeze_map_from

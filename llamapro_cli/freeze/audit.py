@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamapro_cli.architectures.record import layer_index
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze.apply import reference_map
@@ -301,10 +302,7 @@ class _Audit:
 
 
 def _layer(fm: FreezeMap, name: str) -> int | None:
-    if not name.startswith(fm.layer_prefix):
-        return None
-    head = name[len(fm.layer_prefix) :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+    return layer_index(name, fm.layer_prefix)
 
 
 def _raw_chunks(t: TrainedTensor) -> Iterator[memoryview]:

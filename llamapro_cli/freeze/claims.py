@@ -18,7 +18,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from llamapro_cli.architectures.registry import Family
+from llamapro_cli.architectures.record import Family
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError
 from llamapro_cli.io.ranges import CHUNK

@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llamapro_cli.architectures.registry import FAMILIES, Family
+from llamapro_cli.architectures.families import FAMILIES
+from llamapro_cli.architectures.record import Family
 from llamapro_cli.errors import InputError
-from llamapro_cli.freeze.files import read_json
 from llamapro_cli.freeze.map import MANIFEST_KIND, MANIFEST_SCHEMA, FreezeMap, Role, TensorEntry, role_keys
+from llamapro_cli.io.files import read_json
 from llamapro_cli.io.header import DTYPE_BITS
 
 MAX_DIM = 2**63 - 1  # safetensors sizes are u64 byte offsets: no real dimension is larger
@@ -54,7 +55,7 @@ def load_manifest(source: str | Path | Mapping[str, Any]) -> FreezeMap:
     if not _is_int(data.get("schema_version")) or data["schema_version"] != MANIFEST_SCHEMA:
         raise InputError(f"{where}: manifest schema_version {data.get('schema_version')!r} is not supported")
     fm = _Fields(data, where).freeze_map()
-    _check_consistent(fm, where)
+    check_consistent(fm, where)
     return fm
 
 
@@ -158,7 +159,7 @@ class _Fields:
         )
 
 
-def _check_consistent(fm: FreezeMap, where: str) -> None:
+def check_consistent(fm: FreezeMap, where: str = "the freeze map") -> None:
     """The fields agree with each other as `freeze_map()` derives them (each check names what fails)."""
 
     def fail(what: str) -> ManifestError:

@@ -22,9 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from llamapro_cli.architectures.registry import Family
+from llamapro_cli.architectures.record import Family
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze.claims import check_new_layers, zero_by_digest, zero_by_value
@@ -123,9 +122,8 @@ def build_map(
     tied = is_tied(ckpt)
     notes: list[str] = []
     role_names = _resolve_roles(ckpt, roles, tied, notes)
-    block = family.block_regex()
     new_layers = layers.indices
-    trainable_keys = {n for n in ckpt.weight_map if _layer_of(block, n) in new_layers} | role_names
+    trainable_keys = {n for n in ckpt.weight_map if family.layer_of(n) in new_layers} | role_names
     tensors = {
         name: TensorEntry(
             dtype=ckpt.info(name).dtype,
@@ -190,11 +188,6 @@ def _parameters(tensors: Mapping[str, TensorEntry], keys: Sequence[str]) -> tupl
     # dict.fromkeys: several checkpoint keys may load into one parameter (fused experts); keep order.
     names = (tensors[k].parameter for k in keys)
     return tuple(dict.fromkeys(n for n in names if n is not None))
-
-
-def _layer_of(block: Any, name: str) -> int | None:
-    m = block.match(name)
-    return int(m.group(1)) if m else None
 
 
 def _new_layers(ckpt: Checkpoint, digests: Mapping[str, str] | None) -> NewLayers:

@@ -17,10 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamapro_cli.checkpoint import INDEX_NAME, SINGLE_NAME
 from llamapro_cli.errors import InputError
-from llamapro_cli.freeze.files import read_json
 from llamapro_cli.freeze.map import FreezeMap, TensorEntry
+from llamapro_cli.io.files import INDEX_NAME, SINGLE_NAME, read_json
 from llamapro_cli.io.header import TensorInfo, read_header
 
 # Wrappers trainers put in front of parameter names when saving a state dict.
