@@ -79,6 +79,10 @@ def _folder_digests(folder: Path, root: Path) -> str:
         rel = path.relative_to(folder)
         if path.suffix == ".safetensors":
             digest = _shard_digest(path)
+        elif path.name == ".llamapro-files.json":  # the record of what expand wrote: names and sizes
+            files = json.loads(path.read_text())["files"]
+            canon = json.dumps({name: entry["size"] for name, entry in sorted(files.items())})
+            digest = hashlib.sha256(canon.encode()).hexdigest()
         elif path.name == "llamapro.json":
             doc = _scrub_json(json.loads(path.read_text()))
             canon = _normalise(json.dumps(doc), root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import io
 import json
 import os
@@ -701,5 +702,190 @@ def test_force_removes_only_recorded_files(mutations: list[tuple[str, str]]) -> 
             assert left is not None and sorted(str(p) for p in folder.rglob("*")) == before
         else:
             assert not folder.exists()
+    finally:
+        shutil.rmtree(root)
+
+
+# --- verify-frozen: the trained folder's layout and the manifest -----------------------------------------
+#
+# The same tiny Llama, expanded --every 1 with digests (new layers 1 and 3 of 4). A "trained" folder is
+# built from files that each hold either a clean training result (only new layers moved) or one in which
+# original layer 0 changed, under a random wrapper prefix, in a random layout (single file, index and
+# shards, a stale index, extra files, config.json's transformers_weights). Whatever the layout, the only
+# outcomes are our error or a report, and a report may pass only when every file transformers would load
+# (or, for a bare state dict, every file) is clean.
+
+FROZEN_CHANGED = "model.layers.0.mlp.up_proj.weight"
+PREFIXES = ["", "base_model.model.", "module.", "_orig_mod."]
+
+
+@functools.cache
+def _expanded() -> tuple[Path, dict[str, np.ndarray]]:
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-frozen-"))
+    for name, data in BASE.items():
+        (root / "base").mkdir(exist_ok=True)
+        (root / "base" / name).write_bytes(data)
+    expand(root / "base", root / "pro", every=1, digests=True)
+    state = {}
+    for shard in sorted((root / "pro").glob("*.safetensors")):
+        state.update(safetensors.numpy.load_file(shard))
+    return root / "pro", state
+
+
+def _trained_state(clean: bool, prefix: str) -> dict[str, np.ndarray]:
+    _, state = _expanded()
+    out = {}
+    for name, value in state.items():
+        if name.startswith(("model.layers.1.", "model.layers.3.")) or (not clean and name == FROZEN_CHANGED):
+            value = value + np.asarray(0.5, dtype=value.dtype)
+        out[prefix + name] = value
+    return out
+
+
+@st.composite
+def trained_folder(draw: st.DrawFn) -> tuple[dict[str, bytes], set[str]]:
+    """(files, names of the files holding a changed frozen tensor)."""
+    files: dict[str, bytes] = {}
+    dirty: set[str] = set()
+
+    def weights(name: str, keys: slice = slice(None)) -> None:
+        clean = draw(st.booleans())
+        state = _trained_state(clean, draw(st.sampled_from(PREFIXES)))
+        names = list(state)[keys]
+        files[name] = safetensors.numpy.save({n: state[n] for n in names})
+        if not clean and any(n.endswith(FROZEN_CHANGED) for n in names):
+            dirty.add(name)
+
+    if draw(st.booleans()):
+        weights("model.safetensors")
+    if draw(st.booleans()):
+        shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        weights(shards[0], slice(None, 10))
+        weights(shards[1], slice(10, None))
+        weight_map = draw(st.sampled_from(["full", "stale", "junk"]))
+        index: Any = {"weight_map": {f"t{i}": s for i, s in enumerate(shards)}}
+        if weight_map == "stale":
+            index = {"weight_map": {"t": shards[0]}}
+        elif weight_map == "junk":
+            index = draw(json_values)
+        files[INDEX] = json.dumps(index).encode()
+    for extra in draw(st.lists(st.sampled_from(["adapter_model.safetensors", "x.safetensors"]), max_size=2)):
+        weights(extra)
+    if draw(st.booleans()):
+        named = draw(st.sampled_from([*files, "missing.safetensors", "../x.safetensors"]) | json_values)
+        files["config.json"] = json.dumps({**LLAMA, "transformers_weights": named}).encode()
+    if draw(st.integers(0, 9)) == 0:
+        files["adapter_config.json"] = b"{}"
+    return files, dirty
+
+
+def _loaded_by_transformers(files: dict[str, bytes]) -> list[str]:
+    """The weight files transformers 5.x would load (modeling_utils._get_resolved_checkpoint_files), or,
+    for a folder it cannot load (a bare state dict), every safetensors file."""
+    config = json.loads(files.get("config.json", b"{}"))
+    explicit = config.get("transformers_weights") if isinstance(config, dict) else None
+    if isinstance(explicit, str) and explicit in files:
+        return [explicit]
+    if "model.safetensors" in files:
+        return ["model.safetensors"]
+    if INDEX in files:
+        return [n for n in files if n.startswith("model-")]
+    return [n for n in files if n.endswith(".safetensors")]
+
+
+def audit_folder(files: dict[str, bytes], reference: Any) -> Any:
+    """Write the trained folder, audit it against `reference` (a map or a manifest path): the report, or
+    our error's text; any other exception fails the example."""
+    import torch  # noqa: F401  (a mutated dtype converts through torch: import it outside the memory cap)
+
+    from llamapro_cli.freeze.audit import verify_frozen
+
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-trained-"))
+    try:
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        with bounded():
+            try:
+                return verify_frozen(reference, root)
+            except LlamaproError as e:
+                assert e.message and "\n" not in e.message
+                return e.message
+    finally:
+        shutil.rmtree(root)
+
+
+def test_trained_folder_base_cases_pass_and_fail() -> None:
+    from llamapro_cli.freeze.map import freeze_map
+
+    fm = freeze_map(_expanded()[0])
+    clean = audit_folder({"model.safetensors": safetensors.numpy.save(_trained_state(True, ""))}, fm)
+    dirty = audit_folder({"model.safetensors": safetensors.numpy.save(_trained_state(False, "module."))}, fm)
+    assert clean.ok and not dirty.ok and [c.name for c in dirty.changed] == [FROZEN_CHANGED]
+
+
+@FUZZ
+@given(folder=trained_folder())
+def test_trained_folder_layouts_never_pass_a_changed_frozen_tensor(
+    folder: tuple[dict[str, bytes], set[str]],
+) -> None:
+    from llamapro_cli.freeze.map import freeze_map
+
+    files, dirty = folder
+    report = audit_folder(files, freeze_map(_expanded()[0]))
+    if not isinstance(report, str) and report.ok:
+        assert not dirty & set(_loaded_by_transformers(files)), "a changed frozen tensor passed"
+
+
+def _manifest_path(digests: bool) -> dict[str, Any]:
+    from llamapro_cli.freeze.map import freeze_map
+
+    doc = console.to_jsonable(freeze_map(_expanded()[0]))
+    if not digests:
+        doc["digest_algorithm"] = None
+        doc["tensors"] = {k: {**v, "sha256": None} for k, v in doc["tensors"].items()}
+    return json.loads(json.dumps(doc, default=console.json_default))
+
+
+@st.composite
+def manifest_mutation(draw: st.DrawFn) -> bytes:
+    """A manifest with a field, a tensor entry or a list element replaced, deleted or added to."""
+    doc = _manifest_path(draw(st.booleans()))
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        key = draw(st.sampled_from(sorted(doc)))
+        target = doc[key]
+        if isinstance(target, dict) and target and draw(st.booleans()):
+            inner = draw(st.sampled_from(sorted(target)))
+            if isinstance(target[inner], dict) and draw(st.booleans()):
+                target[inner][draw(st.sampled_from(["dtype", "shape", "parameter", "sha256"]))] = draw(
+                    json_values
+                )
+            else:
+                target[inner] = draw(json_values)
+        elif isinstance(target, list) and target and draw(st.booleans()):
+            action = draw(st.sampled_from(["drop", "add", "set"]))
+            at = draw(st.integers(0, len(target) - 1))
+            if action == "drop":
+                del target[at]
+            elif action == "add":
+                target.append(draw(json_values | st.sampled_from(list(doc["tensors"]))))
+            else:
+                target[at] = draw(json_values | st.integers(-2, 6))
+        elif draw(st.booleans()):
+            del doc[key]
+        else:
+            doc[key] = draw(json_values | st.integers(-2, 6))
+    return json.dumps(doc).encode()
+
+
+@FUZZ
+@given(manifest=manifest_mutation())
+def test_mutated_manifests_never_pass_a_changed_original_layer(manifest: bytes) -> None:
+    """Original layer 0 changed: no manifest, however mutated, may make that pass."""
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-manifest-"))
+    try:
+        (root / "map.json").write_bytes(manifest)
+        files = {"model.safetensors": safetensors.numpy.save(_trained_state(False, ""))}
+        report = audit_folder(files, root / "map.json")
+        assert isinstance(report, str) or not report.ok, "a changed frozen tensor passed"
     finally:
         shutil.rmtree(root)

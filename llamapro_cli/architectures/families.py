@@ -352,6 +352,10 @@ FAMILIES: tuple[Family, ...] = (
         required=(p.HYBRID_REQ,),
         layer_fields=(LayerField("layer_kind", FieldKind.VIRTUAL, f.JAMBA_KINDS, label=f.kind_word),),
         roles=p.FINAL_LN,
+        memory_renames=(  # transformers 5 fuses the experts on load, as FUSED_NAMES under feed_forward
+            (r"\.feed_forward\.experts\.\d+\.(gate|up)_proj\.weight$", ".feed_forward.experts.gate_up_proj"),
+            (r"\.feed_forward\.experts\.\d+\.down_proj\.weight$", ".feed_forward.experts.down_proj"),
+        ),
         notes="kinds from period/offset: only whole-period copies (--every P --copies P) are expressible",
     ),
     _refused(

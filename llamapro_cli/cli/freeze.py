@@ -149,9 +149,8 @@ def render_freeze_map(fm: FreezeMap, usable: Sequence[Format]) -> None:
     for text in fm.notes:
         console.note(f"note: {text}")
     first, *others = [*(f.value for f in usable), "json"]  # pasteable: no a|b|c for the shell
-    console.note(
-        f"next: llamapro freeze-map {shlex.quote(fm.checkpoint)} --format {first}  (or {', '.join(others)})"
-    )
+    more = f"  (or {', '.join(others)})" if others else ""
+    console.note(f"next: llamapro freeze-map {shlex.quote(fm.checkpoint)} --format {first}{more}")
 
 
 def render_snippet(snippet: Snippet) -> None:

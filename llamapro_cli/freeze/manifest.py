@@ -55,7 +55,7 @@ def load_manifest(source: str | Path | Mapping[str, Any]) -> FreezeMap:
     if not _is_int(data.get("schema_version")) or data["schema_version"] != MANIFEST_SCHEMA:
         raise InputError(f"{where}: manifest schema_version {data.get('schema_version')!r} is not supported")
     fm = _Fields(data, where).freeze_map()
-    _check_consistent(fm, where)
+    check_consistent(fm, where)
     return fm
 
 
@@ -159,7 +159,7 @@ class _Fields:
         )
 
 
-def _check_consistent(fm: FreezeMap, where: str) -> None:
+def check_consistent(fm: FreezeMap, where: str = "the freeze map") -> None:
     """The fields agree with each other as `freeze_map()` derives them (each check names what fails)."""
 
     def fail(what: str) -> ManifestError:

@@ -20,6 +20,7 @@ from typing import Any
 
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze import rules
+from llamapro_cli.freeze.manifest import check_consistent
 from llamapro_cli.freeze.map import FreezeMap
 from llamapro_cli.freeze.snippet import (
     Format,
@@ -44,7 +45,12 @@ LORA_RANK = 16  # written into the peft snippet; the adapter counts in its comme
 
 
 def usable_formats(fm: FreezeMap) -> tuple[Format, ...]:
-    """The trainer formats that can express this map (each renders and passes its trainer's rule)."""
+    """The trainer formats that can express this map (each renders and passes its trainer's rule); none
+    for a map whose fields disagree (the renderers assume a map as `freeze_map()` builds it)."""
+    try:
+        check_consistent(fm)
+    except InputError:
+        return ()
     usable = []
     for fmt in (Format.AXOLOTL, Format.HF, Format.SWIFT, Format.PEFT, Format.LLAMA_FACTORY):
         try:
