@@ -40,7 +40,7 @@ from llamapro_cli.io.manifest import MANIFEST, first_foreign, remove_owned, writ
 
 MARGIN = 16 * 1024 * 1024  # headers, config, index, carried files
 # A closed terminal (SIGHUP) is an interruption like Ctrl-C or `kill`: clean up, exit 128 + signal.
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SKIP_SPACE_CHECK = "LLAMAPRO_SKIP_SPACE_CHECK"  # "1": do not compare the free space with the need
 
 
@@ -330,7 +330,7 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in _SIGNALS}
     try:
         yield
     finally:
@@ -350,7 +350,7 @@ def _signals_held() -> Iterator[None]:
     def record(signum: int, frame: FrameType | None) -> None:
         pending.append(signum)
 
-    previous = {s: signal.signal(s, record) for s in SIGNALS}
+    previous = {s: signal.signal(s, record) for s in _SIGNALS}
     try:
         yield
     finally:
