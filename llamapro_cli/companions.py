@@ -15,6 +15,7 @@ out of the folder; print.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamapro_cli.errors import InputError, OutputError
-from llamapro_cli.folder import within_checkpoint
+from llamapro_cli.folder import resolved, within_checkpoint
 from llamapro_cli.io.files import PROVENANCE_NAME, os_message
 
 # Files carried over into the output (design.md §3). Everything else is listed, not copied.
@@ -105,6 +106,8 @@ def companions(root: Path) -> Companions:
 
 def not_data(root: Path, path: Path) -> str | None:
     """Why `path` may not be carried into an output; None when it is a data file inside the folder."""
+    if resolved(path) is None:
+        return "it is a link that never ends"
     if not within_checkpoint(root, path):  # a link could smuggle any local file (a key) into an upload
         return "it is a link to a file outside the checkpoint folder"
     code = _code_suffix(path.name)
@@ -138,6 +141,16 @@ def _code_magic(head: bytes) -> str | None:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "only data files are carried, and it starts like a pickle"
     return None
+
+
+def carried_size(root: Path, names: tuple[str, ...]) -> int:
+    """Bytes the carried files will take (for the free-space check); a file gone or unreadable counts 0
+    here, and `carry` reports it."""
+    total = 0
+    for name in names:
+        with contextlib.suppress(OSError):
+            total += os.stat(root / name).st_size
+    return total
 
 
 def carry(root: Path, src: Path, dst: Path) -> None:

@@ -4,7 +4,8 @@ Every output tensor is either a byte range of an input shard (an original layer,
 non-block tensor) or zeros (the branch-final tensors of an identity copy). Nothing is decoded, so any
 dtype works and memory stays at the size of the headers. The output is written into a temporary
 sibling folder `<out>.partial-<random>` (with a marker naming the pid) and renamed into place only when
-complete; any error, SIGINT or SIGTERM removes it.
+complete; any error, SIGINT, SIGTERM or SIGHUP removes it. Each source shard is opened once per run
+(`io.sources`): a shard replaced or rewritten while the run reads it stops the run (exit 3).
 
 Invariant: the input is only ever opened read-only; the output either appears complete or not at all.
 Must not: print, import torch or transformers.
@@ -26,7 +27,7 @@ from llamapro_cli.architectures.registry import renumber_extra
 from llamapro_cli.architectures.rewrite import rewrite_config
 from llamapro_cli.card import CardFacts, read_card_source, write_model_card
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.companions import carry, companions
+from llamapro_cli.companions import carried_size, carry, companions
 from llamapro_cli.errors import InputError, OutputError, UsageError
 from llamapro_cli.folder import within_checkpoint
 from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
@@ -138,7 +139,7 @@ def expand(
     if not dry_run:
         # On a filesystem that shares extents, only what the clone engine writes needs free space.
         need = space_needed([ts for _, ts in job.shards], job.metadata(), out_path.parent)
-        need += job.carried_bytes()
+        need += carried_size(job.ckpt.root, job.carried)
         with atomic_output(out_path, force=force, need_bytes=need, notes=notes.append) as tmp:
             engines = _write(job, tmp, digests=digests, progress=progress)
             write_model_card(tmp / "README.md", _card_facts(job, digests=digests, hub_repo_id=hub_repo_id))
@@ -162,9 +163,6 @@ class _Job:
     warnings: tuple[str, ...]
     command: str | None
     card_source: str | None  # the input's README.md text, when it is merged into the model card
-
-    def carried_bytes(self) -> int:
-        return sum(os.stat(self.ckpt.root / name).st_size for name in self.carried)
 
     @property
     def bytes_to_write(self) -> int:

@@ -103,8 +103,10 @@ def check_within(root: Path, path: Path, what: str) -> None:
     """Refuse (exit 3) a file of the checkpoint that is a link out of the folder: its bytes would reach
     the output (copied shards, the rewritten config) or a hub upload."""
     if not within_checkpoint(root, path):
+        target = resolved(path)
+        where = f"a link to {target}, outside the checkpoint folder" if target else "a link that never ends"
         raise InputError(
-            f"{path}: {what} is a link to {path.resolve()}, outside the checkpoint folder",
+            f"{path}: {what} is {where}",
             hint="copy the file into the folder (links are followed only inside it, or into the hub cache)",
         )
 
@@ -112,12 +114,24 @@ def check_within(root: Path, path: Path, what: str) -> None:
 def within_checkpoint(root: Path, path: Path) -> bool:
     """Whether `path`, links followed, stays inside the checkpoint folder `root` (or, for a hub cache
     snapshot, in that repo's `blobs/`). Files copied verbatim into an output must: a link in a
-    downloaded folder could otherwise smuggle any local file (a key, a token) into a model upload."""
-    target = path.resolve()
-    areas = [root.resolve()]
-    if areas[0].parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev> -> ../../blobs/
-        areas.append(areas[0].parent.parent / "blobs")
+    downloaded folder could otherwise smuggle any local file (a key, a token) into a model upload.
+    A link loop leads nowhere inside: False."""
+    target, base = resolved(path), resolved(root)
+    if target is None or base is None:
+        return False
+    areas = [base]
+    if base.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev> -> ../../blobs/
+        areas.append(base.parent.parent / "blobs")
     return any(target.is_relative_to(area) for area in areas)
+
+
+def resolved(path: Path) -> Path | None:
+    """`path` with every link followed; None for a link loop (Python 3.11 raises RuntimeError for one,
+    3.13 OSError) — never an exception from a hostile folder."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -87,6 +87,8 @@ def _folder_digests(folder: Path, root: Path) -> str:
             doc = _scrub_json(json.loads(path.read_text()))
             canon = _normalise(json.dumps(doc), root)
             digest = hashlib.sha256(canon.encode()).hexdigest()
+        elif path.name == ".llamapro-files.json":  # sizes, mtimes, hashes: what --force may remove
+            digest = "files " + ",".join(sorted(json.loads(path.read_text())["files"]))
         elif path.name == "README.md":
             digest = hashlib.sha256(_normalise(path.read_text(), root).encode()).hexdigest()
         else:

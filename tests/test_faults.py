@@ -317,6 +317,25 @@ def test_unwritable_target_folder(src: Path, tmp_path: Path, unprivileged: list[
     assert digest(src) == before
 
 
+def test_unreachable_target_folder(src: Path, tmp_path: Path, unprivileged: list[str]) -> None:
+    # A folder above --out that we may not search: the real run says so (exit 4), a dry run (which
+    # writes nothing) still reports the plan; never a bare PermissionError.
+    closed = tmp_path / "closed"
+    (closed / "sub").mkdir(parents=True)
+    closed.chmod(0)
+    try:
+        rc, stdout, stderr = finish(start([*unprivileged, *expand_cmd(src, closed / "sub" / "out")]))
+        assert rc == 4, stderr
+        assert_one_error(stderr, f"cannot create {closed / 'sub' / 'out'}", "Permission denied")
+        rc, stdout, stderr = finish(
+            start([*unprivileged, *expand_cmd(src, closed / "sub" / "out", "--dry-run")])
+        )
+        assert rc == 0 and "would write" in stdout, stderr
+    finally:
+        closed.chmod(0o755)
+    assert list((closed / "sub").iterdir()) == []
+
+
 @pytest.mark.parametrize("where", ["under-a-file", "in-proc", "missing-parent"])
 def test_impossible_targets(src: Path, tmp_path: Path, where: str) -> None:
     (tmp_path / "file").write_text("x")
@@ -509,6 +528,7 @@ def test_only_data_files_are_carried(src: Path, tmp_path: Path) -> None:
     for name, data in CODE_FILES.items():
         (src / name).write_bytes(data)
     (src / "tokenizer.json").write_text('{"model": {}}')
+    (src / "tokenizer.loop").symlink_to("tokenizer.loop")  # a link loop: nothing to carry, no crash
     before, out = digest(src), tmp_path / "out"
     result = CliRunner().invoke(app, ["expand", "--every", "2", "--in", str(src), "--out", str(out)])
     assert result.exit_code == 0, result.stderr
@@ -517,6 +537,7 @@ def test_only_data_files_are_carried(src: Path, tmp_path: Path) -> None:
     for name in CODE_FILES:
         assert name not in written, name
         assert f"{name} is not copied: only data files are carried" in result.stderr, name
+    assert "tokenizer.loop is not copied: it is a link that never ends" in result.stderr
     assert digest(src) == before
 
 
@@ -624,21 +645,34 @@ def test_a_link_at_the_lock_path_is_never_followed(src: Path, tmp_path: Path) ->
     assert not victim.exists() and lock.is_symlink() and not (tmp_path / "out").exists()
 
 
-def test_a_leftover_marker_is_never_followed_or_waited_on(src: Path, tmp_path: Path) -> None:
-    # A planted temporary folder whose marker is a FIFO or a link to /dev/zero: reading it would block
-    # or never end. It is no marker of ours: the folder is left, the run completes.
-    for name, plant in (("out.partial-0000000f", os.mkfifo), ("out.partial-0000001f", None)):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "data").write_text("keep")
-        if plant is None:
-            (folder / MARKER).symlink_to("/dev/zero")
-        else:
-            plant(folder / MARKER)
+def test_hostile_leftover_markers_are_not_ours(src: Path, tmp_path: Path) -> None:
+    # Planted temporary folders whose marker is a FIFO or a link to /dev/zero (reading it would block or
+    # never end), or names a pid or start time no process can have (os.kill and float() would raise):
+    # none is a marker of ours, each folder is left, the run completes.
+    plants: dict[str, Callable[[Path], None]] = {
+        "out.partial-0000000f": os.mkfifo,
+        "out.partial-0000001f": lambda m: m.symlink_to("/dev/zero"),
+        "out.partial-0000002f": lambda m: m.write_text(json.dumps({"pid": 2**40, "started": 0})),
+        "out.partial-0000003f": lambda m: m.write_text('{"pid": 1, "started": 1' + "0" * 400 + "}"),
+        "out.partial-0000004f": lambda m: m.write_text('{"pid": 1, "started": NaN}'),
+    }
+    for name, plant in plants.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data").write_text("keep")
+        plant(tmp_path / name / MARKER)
     rc, _, stderr = finish(start(expand_cmd(src, tmp_path / "out")), timeout=60)
     assert rc == 0, stderr
-    assert (tmp_path / "out.partial-0000000f" / "data").exists()
-    assert (tmp_path / "out.partial-0000001f" / "data").exists()
+    assert all((tmp_path / name / "data").read_text() == "keep" for name in plants)
+
+
+def test_an_out_that_is_a_link_loop_is_an_output_error(src: Path, tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    result = CliRunner().invoke(
+        app, ["expand", "--every", "2", "--in", str(src), "--out", str(tmp_path / "loop")]
+    )
+    assert result.exit_code == 4, result.stderr
+    assert_one_error(result.stderr, "a link that never ends")
+    assert (tmp_path / "loop").is_symlink() and partials(tmp_path / "loop") == []
 
 
 @pytest.mark.parametrize("dry_run", [False, True])
@@ -692,7 +726,9 @@ def test_an_input_changed_during_the_copy_is_refused(
     shard = src / "model-00002-of-00002.safetensors"
     _longer_header_copy(shard, tmp_path / "swap.safetensors")
     out = tmp_path / "out"
-    env = {**SLOW, "LLAMAPRO_DIRECT_IO": "1" if engine == "direct" else "0"}
+    # ~1 s of copying (1 MiB chunks, 0.1 s apart): the change lands mid-copy, the test stays short.
+    env = {"LLAMAPRO_COPY_CHUNK": str(1 << 20), "LLAMAPRO_TEST_CHUNK_DELAY": "0.1"}
+    env["LLAMAPRO_DIRECT_IO"] = "1" if engine == "direct" else "0"
     proc = start(expand_cmd(src, out), env=env)
     wait_for(copying(out), "the copy to start")
     if how == "replaced":

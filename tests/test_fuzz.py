@@ -41,6 +41,7 @@ from llamapro_cli.card import MAX_METADATA_NODES, CardFacts, model_card
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.cli import console
 from llamapro_cli.cli.inspect import render_inspect
+from llamapro_cli.companions import CODE_SUFFIXES, companions
 from llamapro_cli.describe import describe_checkpoint
 from llamapro_cli.errors import LlamaproError
 from llamapro_cli.expand import expand
@@ -887,5 +888,28 @@ def test_mutated_manifests_never_pass_a_changed_original_layer(manifest: bytes) 
         files = {"model.safetensors": safetensors.numpy.save(_trained_state(False, ""))}
         report = audit_folder(files, root / "map.json")
         assert isinstance(report, str) or not report.ok, "a changed frozen tensor passed"
+    finally:
+        shutil.rmtree(root)
+
+
+@FUZZ
+@given(
+    stem=st.sampled_from(["tokenizer", "tokenizer_x", "chat_template", "LICENSE", "vocab", "NOTICE"]),
+    suffixes=st.lists(st.sampled_from(["json", "txt", "model", "jinja", *sorted(CODE_SUFFIXES)]), max_size=3),
+    head=st.sampled_from([b"", b"{}", b"#!/bin/sh\n", b"\x7fELF\x02", b"MZ\x90", b"\xa7\r\r\n", b"\x80\x04"])
+    | st.binary(max_size=8),
+)
+def test_only_data_is_ever_carried(stem: str, suffixes: list[str], head: bytes) -> None:
+    name = ".".join([stem, *suffixes])
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-"))
+    try:
+        (root / name).write_bytes(head + b"data")
+        with bounded():
+            found = companions(root)
+        code = any(part.lower() in CODE_SUFFIXES for part in suffixes) or (
+            head.startswith((b"#!", b"\x7fELF", b"MZ", b"PK\x03\x04", b"\x80\x04", b"\xa7\r\r\n"))
+        )
+        if code:
+            assert name not in found.carried and name in found.not_copied
     finally:
         shutil.rmtree(root)

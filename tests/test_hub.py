@@ -192,6 +192,21 @@ def test_partial_folders_are_never_uploaded(
     assert hub.calls == [] and result.stdout == ""
 
 
+def test_push_never_uploads_a_file_from_outside_the_folder(
+    expanded: Path, tmp_path: Path, fake_hub: Callable[..., FakeHub]
+) -> None:
+    # A link placed into a finished output (by hand, by a script) must not carry a private file up.
+    hub = fake_hub()
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("PRIVATE KEY")
+    pro = shutil.copytree(expanded, tmp_path / "pro")
+    (pro / "notes.txt").symlink_to(secret)
+    result = _invoke("push", str(pro), REPO)
+    assert result.exit_code == 3
+    assert "notes.txt" in _one_error_line(result.stderr) and "outside the checkpoint folder" in result.stderr
+    assert hub.calls == [] and result.stdout == ""
+
+
 def test_push_refuses_non_outputs_and_bad_repo_ids(
     demo: Path, expanded: Path, fake_hub: Callable[..., FakeHub]
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ def sweep_partials(out: Path, notes: Notes) -> None:
             continue
         owner = _marker_owner(tmp, out.name)
         if owner is None:
-            if not any(tmp.iterdir()):  # killed between mkdir and the marker: nothing to lose
+            if _empty(tmp):  # killed between mkdir and the marker: nothing to lose
                 with contextlib.suppress(OSError):
                     tmp.rmdir()
                 notes(f"removed {tmp}, an empty temporary folder left by an interrupted run")
@@ -54,6 +55,13 @@ def sweep_partials(out: Path, notes: Notes) -> None:
             notes(f"removed {tmp}, left by an interrupted run (its process {owner[0]} no longer runs)")
 
 
+def _empty(folder: Path) -> bool:
+    try:
+        return not any(folder.iterdir())
+    except OSError:  # not ours to list (another user's): not ours to remove either
+        return False
+
+
 def _marker_owner(tmp: Path, out_name: str) -> tuple[int, float] | None:
     """(pid, start time) from a temporary folder's marker; None when absent or not ours."""
     try:  # never follow a link or block on a FIFO; a marker is a few dozen bytes
@@ -67,11 +75,19 @@ def _marker_owner(tmp: Path, out_name: str) -> tuple[int, float] | None:
     if not isinstance(marker, dict):
         return None
     pid, started = marker.get("pid"), marker.get("started")
-    if type(pid) is not int or pid <= 0 or not isinstance(started, int | float):
+    # A pid fits a C int (Linux: at most 2**22); a start time is a finite float. Anything else is no
+    # marker of ours (and would overflow os.kill or float()).
+    if type(pid) is not int or not 0 < pid < 2**31 or not isinstance(started, int | float):
+        return None
+    try:
+        when = float(started)  # an int past float's range overflows
+    except OverflowError:
+        return None
+    if not math.isfinite(when):
         return None
     if marker.get("out", out_name) != out_name:  # a marker copied from another run's folder
         return None
-    return pid, float(started)
+    return pid, when
 
 
 def _running(pid: int, started: float) -> bool:

@@ -40,7 +40,7 @@ from llamapro_cli.io.manifest import MANIFEST, first_foreign, remove_owned, writ
 
 MARGIN = 16 * 1024 * 1024  # headers, config, index, carried files
 # A closed terminal (SIGHUP) is an interruption like Ctrl-C or `kill`: clean up, exit 128 + signal.
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SKIP_SPACE_CHECK = "LLAMAPRO_SKIP_SPACE_CHECK"  # "1": do not compare the free space with the need
 
 
@@ -55,15 +55,22 @@ def check_disjoint(source: Path, out: Path) -> None:
             f"--out {out} is named like the temporary folder of an unfinished run (*.partial-<8 hex>)",
             hint="choose another --out name",
         )
-    src, dst = source.resolve(), out.resolve()
+    try:
+        src, dst = source.resolve(), out.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop (3.11 raises RuntimeError for one)
+        raise OutputError(f"--out {out} is a link that never ends ({e})", hint="choose another --out") from e
     if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
         raise UsageError(
             f"--out {out} and the input {source} overlap; the output may not contain the input or lie in it"
         )
     for path in _entries(source):
-        if _written_by_run(path.resolve(), dst):
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a link loop leads nowhere (reading it fails on its own)
+            continue
+        if _written_by_run(target, dst):
             raise UsageError(
-                f"--out {out} and the input overlap: {path} resolves to {path.resolve()}, which this run "
+                f"--out {out} and the input overlap: {path} resolves to {target}, which this run "
                 "would replace or delete"
             )
 
@@ -86,15 +93,19 @@ def _written_by_run(target: Path, out: Path) -> bool:
 
 
 def free_space(out: Path) -> int | None:
-    """Free bytes on the filesystem that will hold `out` (its nearest existing ancestor); None when the
-    filesystem reports no capacity at all (ramfs, some FUSE and network filesystems): unknown, not 0."""
+    """Free bytes on the filesystem that will hold `out` (its nearest ancestor we can stat); None when
+    the filesystem reports no capacity at all (ramfs, some FUSE and network filesystems): unknown, not 0."""
     probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        st = os.statvfs(probe)
-    except OSError:
-        return None
+    while True:
+        try:
+            st = os.statvfs(probe)
+            break
+        except (FileNotFoundError, NotADirectoryError, PermissionError):  # not there, or not searchable
+            if probe == probe.parent:
+                return None
+            probe = probe.parent
+        except OSError:
+            return None
     if st.f_blocks == 0:
         return None
     return st.f_bavail * st.f_frsize
@@ -117,9 +128,14 @@ def is_partial(path: Path) -> bool:
 def atomic_output(out: Path, *, force: bool, need_bytes: int, notes: Notes | None = None) -> Iterator[Path]:
     """Yield a temporary folder that becomes `out` when the body completes without error."""
     parent = out.parent
-    if not parent.is_dir():
-        what = "is not a folder" if parent.exists() else "does not exist"
-        raise OutputError(f"cannot create {out}: {parent} {what}")
+    try:
+        is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise OutputError(f"cannot create {out}: {parent} does not exist") from None
+    except OSError as e:  # e.g. a folder above it we may not search
+        raise OutputError(f"cannot create {out}: cannot reach {parent} ({_strerror(e)})") from e
+    if not is_dir:
+        raise OutputError(f"cannot create {out}: {parent} is not a folder")
     with _lock(out):
         sweep_partials(out, notes or (lambda _: None))
         _check_existing(out, force=force)
@@ -314,7 +330,7 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in _SIGNALS}
     try:
         yield
     finally:
@@ -334,7 +350,7 @@ def _signals_held() -> Iterator[None]:
     def record(signum: int, frame: FrameType | None) -> None:
         pending.append(signum)
 
-    previous = {s: signal.signal(s, record) for s in SIGNALS}
+    previous = {s: signal.signal(s, record) for s in _SIGNALS}
     try:
         yield
     finally:
