@@ -11,15 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamapro_cli.architectures.registry import layer_kinds, pattern_warnings
+from llamapro_cli.architectures.layers import layer_kinds, pattern_warnings
 from llamapro_cli.checkpoint import Checkpoint
-
-
-@dataclass(frozen=True)
-class ShardSummary:
-    name: str
-    tensors: int
-    bytes: int
+from llamapro_cli.expand import ShardSummary
+from llamapro_cli.provenance import Provenance
 
 
 @dataclass(frozen=True)
@@ -65,16 +60,15 @@ def describe_checkpoint(source: str | Path | Checkpoint, *, revision: str | None
     ckpt = source if isinstance(source, Checkpoint) else _open(source, revision)
     family = ckpt.family
     sub = family.sub_config(ckpt.config)
-    regex = family.block_regex()
     per_layer = [0] * ckpt.num_layers
     dtypes: Counter[str] = Counter()
     outside = 0
     for name in ckpt.weight_map:
         info = ckpt.info(name)
         dtypes[info.dtype] += info.numel
-        m = regex.match(name)
-        if m and int(m.group(1)) < ckpt.num_layers:
-            per_layer[int(m.group(1))] += info.numel
+        layer = family.layer_of(name)
+        if layer is not None and layer < ckpt.num_layers:
+            per_layer[layer] += info.numel
         else:
             outside += info.numel
     kinds = layer_kinds(family, ckpt.config)
@@ -118,22 +112,16 @@ def _tied(ckpt: Checkpoint) -> bool:
     return bool(tied) or not has_head
 
 
-def _expansion(record: dict[str, Any] | None) -> Expansion | None:
-    if not record:
+def _expansion(record: Provenance | None) -> Expansion | None:
+    if record is None:
         return None
-    layers = record.get("layers") or []
-    new = tuple(int(x["index"]) for x in layers if x.get("identity"))
-    src = record.get("source") or {}
-    generations, parent = 1, record.get("parent")
-    while isinstance(parent, dict):
-        generations, parent = generations + 1, parent.get("parent")
     return Expansion(
-        tool=str(record.get("tool")),
-        source=src.get("repo_id") or src.get("path"),
-        num_layers_in=int(src.get("num_layers") or 0),
-        plan=dict(record.get("plan") or {}),
-        new_layers=new,
-        sources=tuple(int(x["source"]) for x in layers if x.get("identity")),
-        digests=bool(record.get("digests")),
-        generations=generations,
+        tool=str(record.tool),
+        source=record.source.repo_id or record.source.path,
+        num_layers_in=record.source.num_layers,
+        plan=record.plan.to_json(),
+        new_layers=record.new_layers,
+        sources=tuple(x.source for x in record.layers if x.identity),
+        digests=record.digests is not None,
+        generations=len(list(record.generations())),
     )

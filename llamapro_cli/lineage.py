@@ -12,14 +12,13 @@ Invariant: reads only the tensors it needs, in bounded chunks, never whole model
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError
+from llamapro_cli.io.ranges import CHUNK
 from llamapro_cli.plan import ExpansionPlan, NewLayer, PlanKind
 
-CHUNK = 16 * 1024 * 1024
 FINGERPRINT_BYTES = 64 * 1024
 # Sign-bit masks per float dtype, so -0.0 counts as zero; integer dtypes compare exactly.
 _SIGN_MASK = {
@@ -40,35 +39,17 @@ class LayerMapping:
     how: str  # "llamapro.json" or "inferred from zero branch-final tensors"
 
 
-def read_range(path: os.PathLike[str] | str, offset: int, nbytes: int) -> bytes:
-    """Read exactly `nbytes` at `offset` (a short read means the file changed under us)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, nbytes, offset)
-    finally:
-        os.close(fd)
-    if len(data) != nbytes:
-        raise InputError(f"{path}: short read at offset {offset} (file truncated or changed)")
-    return data
-
-
 def tensor_is_zero(ckpt: Checkpoint, name: str) -> bool:
     """True when every element of the tensor is zero by value (+0.0 or -0.0 for floats)."""
     import numpy as np
 
     info = ckpt.info(name)
-    path, offset = ckpt.location(name)
     width, mask = _SIGN_MASK.get(info.dtype, (1, 0xFF))
     view = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
-    done = 0
-    while done < info.nbytes:
-        n = min(CHUNK, info.nbytes - done)
-        n -= n % width
-        words = np.frombuffer(read_range(path, offset + done, n), dtype=view)
-        if np.any(words & view(mask)):
-            return False
-        done += n
-    return True
+    step = max(width, CHUNK - CHUNK % width)  # whole elements per chunk
+    return not any(
+        np.any(np.frombuffer(chunk, dtype=view) & view(mask)) for chunk in ckpt.read_chunks(name, step=step)
+    )
 
 
 def zeroed_layers(ckpt: Checkpoint) -> list[int]:
@@ -92,10 +73,9 @@ def layer_fingerprint(ckpt: Checkpoint, index: int) -> str:
         if ckpt.family.is_zeroed(rel):
             continue
         name = f"{prefix}{index}.{rel}"
-        path, offset = ckpt.location(name)
         info = ckpt.info(name)
         digest.update(f"{rel}:{info.dtype}:{info.shape}".encode())
-        digest.update(read_range(path, offset, min(info.nbytes, FINGERPRINT_BYTES)))
+        digest.update(ckpt.read_bytes(name, size=min(info.nbytes, FINGERPRINT_BYTES)))
     return digest.hexdigest()
 
 
@@ -104,10 +84,8 @@ def layer_mapping(expanded: Checkpoint, base: Checkpoint | None = None) -> Layer
     record = expanded.provenance
     if record is not None:
         try:
-            plan = ExpansionPlan.from_layers(
-                int(record["source"]["num_layers"]), record["layers"], **record["plan"]
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            plan = record.expansion_plan()
+        except ValueError as e:
             raise InputError(f"{expanded.root / 'llamapro.json'}: malformed layer record ({e})") from e
         if plan.num_layers_out != expanded.num_layers:
             raise InputError(

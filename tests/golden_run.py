@@ -31,6 +31,7 @@ COMMANDS = (
 )
 # Values that legitimately change from run to run.
 VOLATILE_KEYS = ("seconds", "peak_rss_bytes", "peak_gpu_bytes", "created", "free_space")
+_FREE = re.compile(r"^(free space +)\d+(?:\.\d+)? [KMGT]?B", re.MULTILINE)  # the disk's, not ours
 _TIME = re.compile(r"\b\d+(?:\.\d+)? ?(?:s|ms)\b")
 _RSS = re.compile(
     r"RSS +\d+(?:\.\d+)? ?(?:MB|GB)|\d+(?:\.\d+)? ?(?:MB|GB) (?:peak )?RSS|\d+(?:\.\d+)? GB free"
@@ -55,7 +56,7 @@ def _normalise(text: str, root: Path) -> str:
             pass
         else:
             return json.dumps(_scrub_json(doc), indent=2) + "\n"
-    text = _RSS.sub("<rss>", text)
+    text = _FREE.sub(r"\1<free>", _RSS.sub("<rss>", text))
     return _TIME.sub("<t>", text)
 
 

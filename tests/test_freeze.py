@@ -1,5 +1,6 @@
 """freeze-map and verify-frozen against the real thing: tiny transformers models expanded by our `expand`,
-their real `named_parameters()`, each trainer's own matching rule (tests/trainer_rules.py) and PEFT itself.
+their real `named_parameters()`, each trainer's own matching rule (llamapro_cli/freeze/rules.py, ported from
+the trainers' source) and PEFT itself.
 
 Families come from tests/tiny_models.py: a new family there (MoE, multimodal prefixes) is tested here too.
 """
@@ -21,19 +22,22 @@ pytest.importorskip("transformers")
 
 import tiny_models as tm
 import torch
-import trainer_rules as rules
 import yaml
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
 from llamapro_cli.cli.app import app
-from llamapro_cli.cli.output import to_jsonable
+from llamapro_cli.cli.console import to_jsonable
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.expand import expand
+from llamapro_cli.freeze import rules
+from llamapro_cli.freeze.apply import ManifestMismatch, apply_freeze_map
 from llamapro_cli.freeze.audit import verify_frozen
-from llamapro_cli.freeze.map import ManifestMismatch, apply_freeze_map, freeze_map, load_manifest
-from llamapro_cli.freeze.trainers import Format, Snippet, has_fused_experts, render
+from llamapro_cli.freeze.manifest import load_manifest
+from llamapro_cli.freeze.map import freeze_map
+from llamapro_cli.freeze.snippet import Format, Snippet
+from llamapro_cli.freeze.trainers import has_fused_experts, render
 
 pytestmark = pytest.mark.hf
 
@@ -115,11 +119,11 @@ def case(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFacto
 
 
 def selected(fmt: Format, text: str, c: Case) -> set[str]:
-    """Apply the trainer's own rule (trainer_rules.py) to the snippet as a user would paste it."""
+    """Apply the trainer's own rule (freeze/rules.py) to the snippet as a user would paste it."""
     if fmt is Format.NAMES:
         return set(text.split())
     if fmt is Format.REGEX:
-        return rules.regex(text.strip(), c.names)
+        return rules.anchored_regex(text.strip(), c.names)
     if fmt is Format.AXOLOTL:
         return rules.axolotl(yaml.safe_load(text)["unfrozen_parameters"], c.names)
     if fmt is Format.LLAMA_FACTORY:
@@ -514,3 +518,49 @@ def test_in_place_training_without_digests_is_refused(pro: dict[str, Path], tmp_
     flip_one_byte(digests, "model.layers.2.mlp.up_proj.weight")
     result = runner.invoke(app, ["verify-frozen", "--map", str(digests), "--trained", str(digests)])
     assert result.exit_code == 1 and "model.layers.2.mlp.up_proj.weight" in result.stdout
+
+
+# --- tied embeddings and heads in a trained checkpoint ---------------------------------------------
+
+
+@pytest.mark.hf
+def test_changed_head_of_a_tied_model_is_not_an_extra(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A tied expansion stores no head: a trained checkpoint that does (the trainer untied it) must hold the
+    frozen embedding matrix there, or the frozen head changed."""
+    expand(tiny_model("llama", "tied"), tmp_path / "pro", every=2, digests=True)
+    state = load_file(tmp_path / "pro" / "model.safetensors")
+    assert "lm_head.weight" not in state
+    (tmp_path / "same").mkdir()
+    save_file(
+        {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()},
+        tmp_path / "same" / "x.safetensors",
+    )
+    report = verify_frozen(tmp_path / "pro", tmp_path / "same")
+    assert report.ok and "lm_head.weight" not in report.extra
+    (tmp_path / "moved").mkdir()
+    moved = {**state, "base_model.model.lm_head.weight": state["model.embed_tokens.weight"] + 0.5}
+    save_file(moved, tmp_path / "moved" / "x.safetensors")
+    report = verify_frozen(tmp_path / "pro", tmp_path / "moved")
+    assert not report.ok and [c.name for c in report.changed] == ["lm_head.weight"]
+    assert "model.embed_tokens.weight" in report.changed[0].reason
+
+
+@pytest.mark.hf
+def test_tied_weights_saved_under_the_head_name_stand_for_the_embeddings(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """safetensors' save_model keeps one name per shared tensor, the first in sort order: a tied model's
+    matrix is then saved as lm_head.weight only. It is the embedding matrix, not a missing tensor."""
+    expand(tiny_model("llama", "tied"), tmp_path / "pro", every=2, digests=True)
+    state = load_file(tmp_path / "pro" / "model.safetensors")
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    (tmp_path / "t").mkdir()
+    save_file(state, tmp_path / "t" / "model.safetensors")
+    report = verify_frozen(tmp_path / "pro", tmp_path / "t")
+    assert report.ok and not report.missing and not report.extra
+    state["lm_head.weight"] = state["lm_head.weight"] + 0.5
+    save_file(state, tmp_path / "t" / "model.safetensors")
+    report = verify_frozen(tmp_path / "pro", tmp_path / "t")
+    assert not report.ok and [c.name for c in report.changed] == ["model.embed_tokens.weight"]

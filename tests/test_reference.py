@@ -1,4 +1,5 @@
-"""The native engine (`reference.py`): transformers' logits, lockstep verdicts, and its memory bound.
+"""The native engine (`verify/model.py`, `verify/lockstep.py`): transformers' logits, lockstep verdicts,
+and its memory bound.
 
 transformers is the oracle (`hf` tests): the native forward must match it in fp32 on every family/variant
 of tiny_models.FAMILIES and on each rope-scaling type, full forward and cached decoding, with sequences
@@ -24,7 +25,9 @@ from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.errors import InputError, UnsupportedError
 from llamapro_cli.expand import expand
 from llamapro_cli.plan import ExpansionPlan, plan_expansion
-from llamapro_cli.verify.lockstep import LockstepResult, cached_logits, forward_logits, run_lockstep
+from llamapro_cli.verify.lockstep import run_lockstep
+from llamapro_cli.verify.model import cached_logits, forward_logits
+from llamapro_cli.verify.numerics import NumericalResult
 from llamapro_cli.verify.spec import MODELING, read_spec
 
 try:  # the oracle needs transformers; without it only the non-hf tests are collected with cases
@@ -50,7 +53,7 @@ def _expand(src: Path, out: Path, **options: Any) -> tuple[Checkpoint, Checkpoin
     return base, exp, plan
 
 
-def _lockstep(base: Checkpoint, exp: Checkpoint, plan: ExpansionPlan, **kw: Any) -> LockstepResult:
+def _lockstep(base: Checkpoint, exp: Checkpoint, plan: ExpansionPlan, **kw: Any) -> NumericalResult:
     vocab = base.info("model.embed_tokens.weight").shape[0]
     options: dict[str, Any] = {
         "device": "cpu",
@@ -61,9 +64,9 @@ def _lockstep(base: Checkpoint, exp: Checkpoint, plan: ExpansionPlan, **kw: Any)
     return run_lockstep(base, exp, plan, _ids(vocab), **{**options, **kw})
 
 
-def _assert_identical(result: LockstepResult) -> None:
+def _assert_identical(result: NumericalResult) -> None:
     assert result.full_max_abs == 0.0 and result.cached_max_abs == 0.0, result
-    assert result.tokens_equal and result.first_divergence is None and result.divergence_kind is None, result
+    assert result.tokens_equal and result.layer is None and result.divergence is None, result
 
 
 def _edit_tensor(folder: Path, name: str, edit: Callable[[torch.Tensor], None]) -> None:
@@ -244,11 +247,11 @@ def test_lockstep_names_an_altered_original_layer(qwen_pair: Pair, tmp_path: Pat
 
     _edit_tensor(folder, f"model.layers.{j}.mlp.up_proj.weight", nudge)
     result = _lockstep(base, Checkpoint.open(folder), plan)
-    assert result.first_divergence == (j, 0)  # the MLP sees every position
-    assert result.divergence_kind == f"original layer {j} (base layer 3) output differs"
+    assert (result.layer, result.position) == (j, 0)  # the MLP sees every position
+    assert result.divergence == f"original layer {j} (base layer 3) output differs"
     assert result.full_max_abs > 0 and result.cached_max_abs > 0
     relaxed = _lockstep(base, Checkpoint.open(folder), plan, atol=1e3)
-    assert relaxed.first_divergence is None and relaxed.full_max_abs <= 1e3
+    assert relaxed.layer is None and relaxed.full_max_abs <= 1e3
 
 
 @pytest.mark.hf
@@ -262,10 +265,9 @@ def test_lockstep_names_an_inserted_layer_that_is_not_an_identity(qwen_pair: Pai
 
     _edit_tensor(folder, f"model.layers.{j}.self_attn.o_proj.weight", unzero)
     result = _lockstep(base, Checkpoint.open(folder), plan)
-    assert result.first_divergence == (j, 0)
+    assert (result.layer, result.position) == (j, 0)
     assert (
-        result.divergence_kind
-        == f"inserted layer {j} (copy of base layer 4) is not an identity (output != input)"
+        result.divergence == f"inserted layer {j} (copy of base layer 4) is not an identity (output != input)"
     )
     assert result.full_max_abs > 0
 
@@ -280,8 +282,8 @@ def test_lockstep_finds_a_flipped_sliding_layer_at_the_window(qwen_pair: Pair, t
     _edit_config(folder, layer_types=types)
     result = _lockstep(base, Checkpoint.open(folder), plan)
     # Positions 0..3 see the same keys either way; position 4 is the first whose window drops a key.
-    assert result.first_divergence == (j, 4)
-    assert result.divergence_kind == f"original layer {j} (base layer 4) output differs"
+    assert (result.layer, result.position) == (j, 4)
+    assert result.divergence == f"original layer {j} (base layer 4) output differs"
 
 
 @pytest.mark.hf
@@ -296,13 +298,13 @@ def test_lockstep_names_embedding_and_head(qwen_pair: Pair, tmp_path: Path) -> N
     base, folder, plan = _copy(qwen_pair, tmp_path / "embedding")
     _edit_tensor(folder, "model.embed_tokens.weight", bump_row)
     result = _lockstep(base, Checkpoint.open(folder), plan)
-    assert result.first_divergence == (-1, first) and result.divergence_kind == "the embedding differs"
+    assert (result.layer, result.position) == (-1, first) and result.divergence == "the embedding differs"
 
     base, folder, plan = _copy(qwen_pair, tmp_path / "head")
     _edit_tensor(folder, "lm_head.weight", bump_row)  # logit `token` changes at every position
     result = _lockstep(base, Checkpoint.open(folder), plan)
-    assert result.first_divergence == (plan.num_layers_out, 0)
-    assert result.divergence_kind == "the final norm or lm_head differs (every layer matched)"
+    assert (result.layer, result.position) == (plan.num_layers_out, 0)
+    assert result.divergence == "the final norm or lm_head differs (every layer matched)"
 
 
 # --- memory, cost and inputs (no transformers: the demo checkpoint) ---------------------------------
@@ -355,8 +357,8 @@ def test_lockstep_demo_finds_altered_layer_in_bf16(
 
     _edit_tensor(folder, f"model.layers.{j}.input_layernorm.weight", scale)
     result = _lockstep(base, Checkpoint.open(folder), plan, dtype=torch.bfloat16)
-    assert result.first_divergence == (j, 0)
-    assert result.divergence_kind == f"original layer {j} (base layer 6) output differs"
+    assert (result.layer, result.position) == (j, 0)
+    assert result.divergence == f"original layer {j} (base layer 6) output differs"
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.expand import expand
+from llamapro_cli.io import ranges
 from llamapro_cli.verify import inputs as tokens
 from llamapro_cli.verify import structural as structural
 from llamapro_cli.verify.identity import verify_identity
@@ -265,7 +266,7 @@ def test_altered_original_is_named(
         return t
 
     edit_tensor(bad, name, nudge)
-    monkeypatch.setattr(structural, "CHUNK", 4096 + 6)  # many chunks, the last one short
+    monkeypatch.setattr(ranges, "CHUNK", 4096 + 6)  # many chunks, the last one short
     report = verify_identity(bad, numerical=False)
     assert report.verdict == "different" and report.engine is None
     assert report.structural is not None and (report.structural.layer, report.structural.tensor) == (5, name)
@@ -569,3 +570,71 @@ def test_cuda(demo: tuple[Path, Path], engine: str) -> None:
     assert result.exit_code == 0, result.stderr
     doc = as_json(result)
     assert doc["device"] == "cuda" and doc["peak_gpu_bytes"] > 0 and doc["verdict"] == "identical"
+
+
+# --- config keys and windows the checks must see ---------------------------------------------------
+
+ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
+
+
+def _legacy_base(tiny_model: Callable[..., Path], dest: Path) -> Path:
+    """A tiny Llama whose config.json leaves RoPE to the defaults (as hand-written hub configs do)."""
+    base = shutil.copytree(tiny_model("llama"), dest)
+    config = json.loads((base / "config.json").read_text())
+    for key in ROPE_KEYS:
+        config.pop(key, None)
+    (base / "config.json").write_text(json.dumps(config, indent=2))
+    return base
+
+
+@pytest.mark.hf
+def test_key_added_to_the_expanded_config_only_is_named(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Dynamic NTK scaling only acts past max_position_embeddings, so no affordable numerical check sees
+    it: the structural check must, although the base config has no such key to compare it with."""
+    base = _legacy_base(tiny_model, tmp_path / "base")
+    expand(base, tmp_path / "pro", every=2)
+    config = json.loads((tmp_path / "pro" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 8.0, "rope_theta": 10000.0}
+    (tmp_path / "pro" / "config.json").write_text(json.dumps(config, indent=2))
+    report = verify_identity(tmp_path / "pro", base=base, numerical=False)
+    assert report.verdict == "different"
+    assert report.structural is not None and report.structural.tensor == "config.json:rope_parameters"
+    assert "rope_parameters" in (report.reason or "") and "dynamic" in (report.reason or "")
+
+
+@pytest.mark.hf
+def test_transformers_round_trip_of_the_config_still_verifies(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Other tools save the expanded config through transformers, which writes every default (here the
+    RoPE settings the base leaves out): keys on one side only are equal when transformers reads them so."""
+    from transformers import AutoConfig
+
+    base = _legacy_base(tiny_model, tmp_path / "base")
+    expand(base, tmp_path / "pro", every=2)
+    AutoConfig.from_pretrained(tmp_path / "pro").save_pretrained(tmp_path / "pro")
+    written = json.loads((tmp_path / "pro" / "config.json").read_text())
+    assert "rope_parameters" in written  # the round trip did add a key the base does not have
+    written["unsloth_version"] = "2025.1.1"  # a key no config class defines: what tools add as a stamp
+    (tmp_path / "pro" / "config.json").write_text(json.dumps(written, indent=2))
+    report = verify_identity(tmp_path / "pro", base=base, engine="native")
+    assert report.verdict == "identical", report.reason
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize(("family", "window"), [("llama4_text", 4), ("qwen2_moe", 4)])
+def test_window_of_layers_with_several_kind_words_is_active(
+    tiny_model: Callable[..., Path], family: str, window: int
+) -> None:
+    """Layer kinds join one word per per-layer field ("rope moe chunked_attention"): a chunked or sliding
+    layer among them still makes its window active, so the prefill goes past it (or a warning says not)."""
+    from llamapro_cli.architectures.layers import layer_kinds
+    from llamapro_cli.checkpoint import Checkpoint
+    from llamapro_cli.verify.inputs import active_window
+
+    ckpt = Checkpoint.open(tiny_model(family))
+    kinds = layer_kinds(ckpt.family, ckpt.config) or []
+    assert any(" " in k and ("chunked" in k or "sliding" in k) for k in kinds)
+    assert active_window(ckpt) == window

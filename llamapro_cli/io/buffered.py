@@ -24,6 +24,7 @@ from llamapro_cli.errors import InputError, OutputError
 from llamapro_cli.io.files import os_message
 from llamapro_cli.io.header import OutTensor
 from llamapro_cli.io.runs import DigestKey, digest_key
+from llamapro_cli.io.sources import SourceFiles
 
 # copy_file_range cannot serve this pair of files (other filesystem, old kernel, special file): copy
 # through a buffer instead, for the rest of the shard.
@@ -45,13 +46,14 @@ class BufferedWriter:
         progress: Callable[[int], None] | None,
         delay: float = 0.0,
         known: Mapping[DigestKey, str] | None = None,
+        files: SourceFiles | None = None,
     ) -> None:
         self.fd, self.path, self.chunk, self.digests = fd, path, chunk, digests
         self.progress, self.delay = progress, delay
         self.known = known or {}  # digests of bytes hashed before (an earlier shard): not hashed again
         # Digests read every byte through the buffer anyway, so the kernel-side copy would read twice.
         self.kernel_copy = hasattr(os, "copy_file_range") and not digests
-        self.sources: dict[Path, tuple[int, int]] = {}  # path -> (fd, size)
+        self.files, self.own_files = files or SourceFiles(), files is None
         self.buffer, self.zeros = memoryview(b""), memoryview(b"")  # grown on demand, up to one chunk
 
     def write(self, head: bytes, tensors: Sequence[OutTensor]) -> dict[str, str]:
@@ -78,9 +80,8 @@ class BufferedWriter:
         return names
 
     def close(self) -> None:
-        for fd, _ in self.sources.values():
-            os.close(fd)
-        self.sources.clear()
+        if self.own_files:
+            self.files.close()
 
     def _chunk_done(self, n: int) -> None:
         if self.progress is not None:
@@ -122,13 +123,7 @@ class BufferedWriter:
             self._chunk_done(n)
 
     def _source(self, t: OutTensor, source: Path) -> int:
-        if source not in self.sources:
-            try:
-                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-                self.sources[source] = (fd, os.fstat(fd).st_size)
-            except OSError as e:
-                raise InputError(f"cannot read {source}: {os_message(e)}") from e
-        fd, size = self.sources[source]
+        fd, size = self.files.fd(source), self.files.size(source)
         if t.offset < 0 or t.offset + t.nbytes > size:
             raise InputError(
                 f"{source} is shorter than expected: tensor {t.name!r} needs bytes "

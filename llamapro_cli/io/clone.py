@@ -33,6 +33,7 @@ from llamapro_cli.errors import InputError, OutputError
 from llamapro_cli.io.clone_plan import WRITE_MAX, Action, ClonePlan, Op, Part, Piece
 from llamapro_cli.io.files import os_message
 from llamapro_cli.io.header import ALIGN, OutTensor
+from llamapro_cli.io.sources import SourceFiles
 
 FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range), linux/fs.h
 # This pair of files cannot share extents: not a copy-on-write filesystem (ext4, tmpfs), two
@@ -96,9 +97,11 @@ class CloneWriter:
         progress: Callable[[int], None] | None,
         delay: float = 0.0,
         bulk: Bulk | None = None,
+        files: SourceFiles | None = None,
     ) -> None:
         self.fd, self.path, self.progress, self.delay, self.bulk = fd, path, progress, delay, bulk
-        self.sources: dict[Path, tuple[int, int]] = {}  # path -> (fd, size)
+        self.files, self.own_files = files or SourceFiles(), files is None
+        self.sources: dict[Path, tuple[int, int]] = {}  # path -> (fd, size), the fds owned by `files`
         self.buffer = memoryview(bytearray())
         self.cloning = True  # False after a refusal mid-shard: the remaining clones are written
 
@@ -128,19 +131,15 @@ class CloneWriter:
                         self._clone(op, probing=False)
                     self._done(op)
         finally:
-            for fd, _ in self.sources.values():
-                os.close(fd)
+            if self.own_files:
+                self.files.close()
             self.sources.clear()
 
     def _check_range(self, t: OutTensor) -> None:  # as the other engines check, with their words
         if t.source is None:
             return
         if t.source not in self.sources:
-            try:
-                fd = os.open(t.source, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise InputError(f"cannot read {t.source}: {os_message(e)}") from e
-            self.sources[t.source] = (fd, os.fstat(fd).st_size)
+            self.sources[t.source] = (self.files.fd(t.source), self.files.size(t.source))
         size = self.sources[t.source][1]
         if t.offset < 0 or t.offset + t.nbytes > size:
             raise InputError(

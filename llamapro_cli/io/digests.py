@@ -19,6 +19,7 @@ from pathlib import Path
 from llamapro_cli.io.direct import DirectWriter
 from llamapro_cli.io.header import ALIGN, OutTensor
 from llamapro_cli.io.runs import DigestKey, digest_key, zeros_sha256
+from llamapro_cli.io.sources import SourceFiles
 
 
 def hash_sources(
@@ -29,12 +30,15 @@ def hash_sources(
     buffers: int,
     progress: Callable[[int], None] | None,
     delay: float = 0.0,
+    files: SourceFiles | None = None,
 ) -> dict[str, str]:
     """{name: sha256 hex} of every tensor; reads and hashes the ranges not in `known`, and adds them."""
     fresh = sorted({key for t in tensors if (key := digest_key(t)) is not None and key not in known})
     for source in dict.fromkeys(path for path, _, _ in fresh):
         keys = [key for key in fresh if key[0] == source]
-        _hash_file(source, keys, known, chunk=chunk, buffers=buffers, progress=progress, delay=delay)
+        _hash_file(
+            source, keys, known, chunk=chunk, buffers=buffers, progress=progress, delay=delay, files=files
+        )
     out = {}
     for t in tensors:
         key = digest_key(t)
@@ -53,13 +57,14 @@ def _hash_file(
     buffers: int,
     progress: Callable[[int], None] | None,
     delay: float,
+    files: SourceFiles | None,
 ) -> None:
     # The ranges as the tensors of a file written nowhere, after a lead-in that gives the first range
     # its source phase: adjacent ranges coalesce into one run read straight into place with O_DIRECT.
     ranges = [OutTensor(str(index), "U8", (n,), source, offset) for index, (_, offset, n) in enumerate(keys)]
     lead_in = bytes(keys[0][1] % ALIGN)
     reader = DirectWriter(
-        -1, source, chunk=chunk, buffers=buffers, digests=True, progress=progress, delay=delay
+        -1, source, chunk=chunk, buffers=buffers, digests=True, progress=progress, delay=delay, files=files
     )
     digests = reader.write(lead_in, ranges)
     for index, key in enumerate(keys):

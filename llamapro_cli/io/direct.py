@@ -24,7 +24,6 @@ progress callback, so signals and Ctrl-C interrupt between chunks. Must not: imp
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import fcntl
 import functools
@@ -51,6 +50,7 @@ from llamapro_cli.io.runs import (
     plan_runs,
     zeros_sha256,
 )
+from llamapro_cli.io.sources import SourceFiles
 
 HOLE_MIN = 1 << 20  # zero runs with less than this in whole blocks are written as zeros, not holes
 
@@ -80,24 +80,16 @@ class _Job:
 
 
 class _Source:
-    """One input file: a buffered fd, and an O_DIRECT fd while the filesystem accepts it."""
+    """One input file, through the run's `SourceFiles` (which owns the descriptors): a buffered fd, and
+    an O_DIRECT fd of the same file while the filesystem accepts it."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.size = os.fstat(self.fd).st_size
-        except OSError as e:
-            raise InputError(f"cannot read {path}: {os_message(e)}") from e
+    def __init__(self, files: SourceFiles, path: Path) -> None:
+        self.files, self.path = files, path
+        self.fd, self.size, self.direct_fd = files.fd(path), files.size(path), files.direct_fd(path)
+
+    def refuse_direct(self) -> None:
+        self.files.refuse_direct(self.path)
         self.direct_fd = -1
-        with contextlib.suppress(OSError, AttributeError):  # no O_DIRECT here: buffered reads
-            self.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-
-    def close(self) -> None:
-        for fd in (self.fd, self.direct_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self.direct_fd = -1
 
 
 class DirectWriter:
@@ -114,8 +106,10 @@ class DirectWriter:
         progress: Callable[[int], None] | None,
         delay: float = 0.0,
         known: Mapping[DigestKey, str] | None = None,
+        files: SourceFiles | None = None,
     ) -> None:
         self.fd, self.path, self.digests, self.progress, self.delay = fd, path, digests, progress, delay
+        self.files, self.own_files = files or SourceFiles(), files is None
         self.known = known or {}  # digests of bytes hashed before (an earlier shard): not hashed again
         self.chunk = max(ALIGN, align_up(chunk))
         self.maps = [mmap.mmap(-1, self.chunk + ALIGN) for _ in range(max(2, buffers))]
@@ -175,7 +169,7 @@ class DirectWriter:
     def _check_range(self, t: OutTensor) -> None:
         assert t.source is not None
         if t.source not in self.sources:
-            self.sources[t.source] = _Source(t.source)
+            self.sources[t.source] = _Source(self.files, t.source)
         size = self.sources[t.source].size
         if t.offset < 0 or t.offset + t.nbytes > size:
             raise InputError(
@@ -268,8 +262,7 @@ class DirectWriter:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise InputError(f"cannot read {source.path}: {os_message(e)}") from e
-                os.close(source.direct_fd)  # this file or range refuses O_DIRECT: buffered from now on
-                source.direct_fd = -1
+                source.refuse_direct()  # this file or range refuses O_DIRECT: buffered from now on
             else:
                 self.buf[lo : self.fill] = saved
                 return max(0, min(got - head, n))
@@ -377,8 +370,9 @@ class DirectWriter:
 
     def _close(self) -> None:
         # The maps are unmapped when the last view of them goes (a traceback may still hold one).
-        for source in self.sources.values():
-            source.close()
+        if self.own_files:
+            self.files.close()
+        self.sources.clear()
         self.buf, self.maps = memoryview(b""), []
         self.free = queue.SimpleQueue()
 

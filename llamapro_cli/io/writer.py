@@ -49,6 +49,7 @@ from llamapro_cli.io.direct import DirectWriter, enable_direct
 from llamapro_cli.io.files import os_message
 from llamapro_cli.io.header import OutTensor, header_bytes
 from llamapro_cli.io.runs import DigestKey, digest_key
+from llamapro_cli.io.sources import SourceFiles
 
 DEFAULT_CHUNK = 64 * 1024 * 1024
 DIRECT_CHUNK = 8 * 1024 * 1024
@@ -121,6 +122,7 @@ class _Job:
     progress: Callable[[int], None] | None
     delay: float
     known: MutableMapping[DigestKey, str]
+    files: SourceFiles | None
 
     def clone(self, fd: int, *, forced: bool) -> dict[str, str] | None:
         """Write by cloning; None when the filesystem refused the first clone (nothing written)."""
@@ -128,7 +130,9 @@ class _Job:
         if not plan.clones and not forced:
             return None  # nothing to share (tiny tensors, other phases): the usual engines do as well
         progress = None if self.digests else self.progress  # with digests, hashing reports progress
-        writer = CloneWriter(fd, self.path, progress=progress, delay=self.delay, bulk=self._bulk(progress))
+        writer = CloneWriter(
+            fd, self.path, progress=progress, delay=self.delay, bulk=self._bulk(progress), files=self.files
+        )
         try:
             writer.write(self.head, self.tensors, plan)
         except CloneRefused as e:
@@ -149,6 +153,7 @@ class _Job:
             buffers=buffers,
             progress=self.progress,
             delay=self.delay,
+            files=self.files,
         )
 
     def _bulk(self, progress: Callable[[int], None] | None) -> Bulk:
@@ -170,6 +175,7 @@ class _Job:
                     digests=False,
                     progress=progress,
                     delay=self.delay,
+                    files=self.files,
                 )
                 writer.write(b"", tensors, start=start)
             finally:
@@ -191,6 +197,7 @@ class _Job:
             progress=self.progress,
             delay=self.delay,
             known=self.known,
+            files=self.files,
         )
         return writer.write(self.head, self.tensors)
 
@@ -203,6 +210,7 @@ class _Job:
             progress=self.progress,
             delay=self.delay,
             known=self.known,
+            files=self.files,
         )
         return writer.write(self.head, self.tensors)
 
@@ -230,6 +238,7 @@ def write_shard(
     align: int | None = 8,
     engine: Engine | None = None,
     known: MutableMapping[DigestKey, str] | None = None,
+    sources: SourceFiles | None = None,
 ) -> Written:
     """Write a new safetensors file at `path` (which must not exist): which engine wrote it, and
     {name: sha256 hex} when `digests`.
@@ -238,14 +247,16 @@ def write_shard(
     `engine` forces one (else `LLAMAPRO_ENGINE`, else the first that works: clone, direct for large
     shards, buffered); the bytes are the same either way. `align=None` pads the header so that copied
     bytes keep their source's block phase (what the clone and direct engines need). `known`: digests
-    of source ranges hashed by earlier shards, reused and extended.
+    of source ranges hashed by earlier shards, reused and extended. `sources`: the run's open input
+    files (`io.sources`), so every shard reads the files whose headers were read; None opens them for
+    this shard alone.
     """
     head = header_bytes(tensors, metadata, align)
     total = len(head) + sum(t.nbytes for t in tensors)
     _chunk(DEFAULT_CHUNK)  # a bad setting is refused before the file exists
     delay = float(os.environ.get("LLAMAPRO_TEST_CHUNK_DELAY") or 0)
     engine = engine or requested_engine()
-    job = _Job(path, head, tensors, digests, progress, delay, {} if known is None else known)
+    job = _Job(path, head, tensors, digests, progress, delay, {} if known is None else known, sources)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError as e:

@@ -1,5 +1,7 @@
-"""The identity wing: `verify_identity()` orchestration, the structural check (config and bytes, no
-torch), the numerical check (transformers engine and the native streaming engine), and the inputs both
-models are fed.
+"""The identity wing: `verify_identity()` orchestration (`identity`), its options and report (`options`,
+`report`), the structural check (`structural`: config and bytes, no torch), the numerical check's one result
+type and comparison (`numerics`), its two engines (`hf_engine`: transformers; `model` + `lockstep`: the
+native streaming engine, with `spec` reading the config as transformers would), and the inputs both models
+are fed (`inputs`).
 
 Must not: choose exit codes or print (the CLI does both from the returned report)."""

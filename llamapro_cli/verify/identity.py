@@ -8,8 +8,9 @@ within `atol`). Engines:
 - `transformers`, the real modelling code: load the base, keep its outputs, free it, load the expanded
   model, compare (peak memory: one model). Loading must be clean: transformers only *warns* about missing
   or unexpected keys and fills the gaps with random weights.
-- `native` (`reference.run_lockstep`): one block in memory at a time, base and expanded in lockstep, so it
+- `native` (`lockstep.run_native`): one block in memory at a time, base and expanded in lockstep, so it
   names the first diverging layer and position and verifies models larger than memory.
+Both return one `NumericalResult` (`numerics.py`), from which the `IdentityReport` (`report.py`) is built.
 
 Invariant: the verdict is "identical" only when every check that ran found no difference. The layer
 mapping comes from `llamapro.json`, or is inferred (`lineage.layer_mapping`) and reported as such.
@@ -24,121 +25,25 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.io.files import PROVENANCE_NAME
 from llamapro_cli.lineage import LayerMapping, layer_mapping
 from llamapro_cli.plan import ExpansionPlan
+from llamapro_cli.verify.hf_engine import config_reader
 from llamapro_cli.verify.inputs import make_inputs
-from llamapro_cli.verify.numerics import Inputs, Numbers, compare_hf, run_native
+from llamapro_cli.verify.numerics import Inputs, NumericalResult
+from llamapro_cli.verify.options import Device, DType, Engine, Options
+from llamapro_cli.verify.report import IdentityReport, Verdict
 from llamapro_cli.verify.structural import StructuralResult, check_structure
 
+__all__ = ["DType", "Device", "Engine", "IdentityReport", "Verdict", "auto_dtype", "verify_identity"]
+
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-class Verdict(StrEnum):
-    IDENTICAL = "identical"
-    DIFFERENT = "different"
-
-
-class Engine(StrEnum):
-    AUTO = "auto"  # transformers when installed, else native
-    TRANSFORMERS = "transformers"
-    NATIVE = "native"
-
-
-class Device(StrEnum):
-    AUTO = "auto"  # CUDA when present
-    CUDA = "cuda"
-    CPU = "cpu"
-
-
-class DType(StrEnum):
-    AUTO = "auto"  # the checkpoint's dtype (config `dtype`/`torch_dtype`, else its tensors')
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-
-
-@dataclass(frozen=True)
-class IdentityReport:
-    """What `verify-identity` found. `--json` prints exactly this (plus schema_version)."""
-
-    verdict: Verdict
-    reason: str | None  # one line: the first difference, when there is one
-    expanded: str
-    base: str
-    architecture: str
-    num_layers_in: int
-    num_layers_out: int
-    new_layers: tuple[int, ...]
-    mapping: str  # how the layer mapping was found: "llamapro.json" or "inferred from ..."
-    structural: StructuralResult | None  # None when skipped
-    engine: str | None  # None when the numerical check did not run
-    device: str | None
-    dtype: str | None
-    input: str | None  # "random token ids" or "prompt"
-    seed: int | None
-    tokens: int | None  # sequence length of the full forward
-    prefill: int | None  # tokens prefilled before the cached one-token steps
-    decode_steps: int | None  # cached one-token steps, and greedy tokens generated after the sequence
-    atol: float
-    full_max_abs: float | None  # max |Δ logit|, full forward
-    cached_max_abs: float | None  # max |Δ logit|, prefill + cached steps
-    greedy_tokens_equal: bool | None
-    first_divergence_layer: int | None  # expanded layer index (native engine only)
-    first_divergence_position: int | None  # token position
-    divergence: str | None
-    peak_bytes_loaded: int | None  # native engine: most weight bytes resident at once
-    warnings: tuple[str, ...]
-    seconds: float
-    peak_rss_bytes: int
-    peak_gpu_bytes: int | None
-
-
-@dataclass(frozen=True)
-class Options:
-    """The validated options of one check."""
-
-    engine: Engine
-    device: Device
-    dtype: DType
-    tokens: int | None
-    seed: int
-    prompt: str | None
-    atol: float
-    decode_steps: int
-
-    @classmethod
-    def parse(cls, **values: Any) -> Options:
-        options = cls(
-            engine=_choice(Engine, values.pop("engine"), "--engine"),
-            device=_choice(Device, values.pop("device"), "--device"),
-            dtype=_choice(DType, values.pop("dtype"), "--dtype"),
-            **values,
-        )
-        options.check()
-        return options
-
-    def check(self) -> None:
-        if self.tokens is not None and self.prompt is not None:
-            raise UsageError("--tokens and --prompt exclude each other", hint="give one of them")
-        if self.decode_steps < 1:
-            raise UsageError(f"decode_steps must be at least 1, got {self.decode_steps}")
-        if self.tokens is not None and self.tokens <= self.decode_steps:
-            raise UsageError(
-                f"--tokens {self.tokens} leaves nothing to prefill: the last {self.decode_steps} tokens "
-                "are decoded one at a time through the cache",
-                hint=f"use --tokens {self.decode_steps + 1} or more",
-            )
-        if not self.atol >= 0:  # also refuses NaN
-            raise UsageError(f"--atol must be zero or positive, got {self.atol}")
 
 
 @dataclass(frozen=True)
@@ -192,7 +97,7 @@ def verify_identity(
     _check_base(exp, src, mapping.plan)
     warnings = _lineage_warnings(exp, src, mapping.how, mapping.plan)
     shape = (
-        check_structure(src, exp, mapping.plan, progress=progress, normalise=_hf_config_reader())
+        check_structure(src, exp, mapping.plan, progress=progress, normalise=config_reader())
         if structural
         else None
     )
@@ -200,52 +105,6 @@ def verify_identity(
     if numerical and (shape is None or shape.ok):
         run, numbers = _numerical(src, exp, mapping.plan, opts, warnings)
     return _report(src, exp, mapping, shape, run, numbers, warnings, opts.atol, started)
-
-
-def _hf_config_reader() -> Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None:
-    """A config as transformers reads it (every default filled in), for keys only one config sets; None
-    without transformers (then only the keys both configs set are compared, and the numerics decide)."""
-    if importlib.util.find_spec("transformers") is None:
-        return None
-
-    def read(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        from transformers import AutoConfig
-
-        from llamapro_cli.verify.numerics import _quiet_transformers
-
-        values = dict(config)
-        model_type = values.pop("model_type")
-        try:
-            with _quiet_transformers():
-                return _defined(AutoConfig.for_model(model_type, **values), AutoConfig.for_model(model_type))
-        except Exception:  # an unknown model type or a config this transformers rejects: no defaults
-            return None
-
-    return read
-
-
-def _defined(config: Any, default: Any) -> dict[str, Any]:
-    """`config.to_dict()` limited to the keys its class defines (`default` is the class's default
-    instance): stamps other tools add (`unsloth_version`) are no model setting. Sub-configs recurse."""
-    from transformers import PretrainedConfig
-
-    known = default.to_dict()
-    out: dict[str, Any] = {}
-    for key, value in config.to_dict().items():
-        if key not in known:
-            continue
-        sub, sub_default = getattr(config, key, None), getattr(default, key, None)
-        both = isinstance(sub, PretrainedConfig) and isinstance(sub_default, PretrainedConfig)
-        out[key] = _defined(sub, sub_default) if both else value
-    return out
-
-
-def _choice(enum: type[Any], value: Any, option: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        choices = ", ".join(e.value for e in enum)
-        raise UsageError(f"{option} {value!r} is not one of {choices}") from None
 
 
 def _open_base(exp: Checkpoint, base: str | Path | Checkpoint | None) -> Checkpoint:
@@ -259,13 +118,11 @@ def _open_base(exp: Checkpoint, base: str | Path | Checkpoint | None) -> Checkpo
             f"{exp.root}: no {PROVENANCE_NAME}, so the base checkpoint is unknown",
             hint="pass the checkpoint it was expanded from with --in (the layer mapping is then inferred)",
         )
-    source = record.get("source")
-    source = source if isinstance(source, dict) else {}
-    path, repo_id = source.get("path"), source.get("repo_id")
-    if isinstance(path, str) and Path(path).is_dir():
+    path, repo_id = record.source.path, record.source.repo_id
+    if path is not None and Path(path).is_dir():
         return Checkpoint.open(path)
-    if isinstance(repo_id, str):
-        return Checkpoint.open(repo_id, revision=source.get("revision"))
+    if repo_id is not None:
+        return Checkpoint.open(repo_id, revision=record.source.revision)
     raise InputError(
         f"{exp.root / PROVENANCE_NAME}: the base it records ({path}) does not exist any more",
         hint="pass the base checkpoint with --in",
@@ -284,8 +141,7 @@ def _check_base(exp: Checkpoint, base: Checkpoint, plan: ExpansionPlan) -> None:
 
 def _lineage_warnings(exp: Checkpoint, base: Checkpoint, how: str, plan: ExpansionPlan) -> list[str]:
     warnings = []
-    source = (exp.provenance or {}).get("source")
-    recorded = source.get("config_sha256") if isinstance(source, dict) else None
+    recorded = exp.provenance.source.config_sha256 if exp.provenance else None
     if recorded and recorded != base.config_sha256:
         warnings.append(
             f"{base.root / 'config.json'} is not the config.json this checkpoint was expanded from"
@@ -301,7 +157,7 @@ def _lineage_warnings(exp: Checkpoint, base: Checkpoint, how: str, plan: Expansi
 
 def _numerical(
     base: Checkpoint, exp: Checkpoint, plan: ExpansionPlan, opts: Options, warnings: list[str]
-) -> tuple[Run, Numbers]:
+) -> tuple[Run, NumericalResult]:
     # MKL (torch's CPU BLAS) picks kernels by memory alignment, so the same product of the same values
     # can round differently in two models whose tensors sit at different addresses (measured: 7e-7 in
     # one-token decode steps). Strict conditional reproducibility removes that; MKL reads it once, at its
@@ -326,7 +182,11 @@ def _numerical(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if engine is Engine.NATIVE:
+        from llamapro_cli.verify.lockstep import run_native
+
         return run, run_native(base, exp, plan, inputs, device, getattr(torch, dtype), opts.atol)
+    from llamapro_cli.verify.hf_engine import compare_hf
+
     return run, compare_hf(base.root, exp.root, inputs, device, getattr(torch, dtype), opts.atol)
 
 
@@ -385,7 +245,7 @@ def _report(
     mapping: LayerMapping,
     shape: StructuralResult | None,
     run: Run | None,
-    numbers: Numbers | None,
+    numbers: NumericalResult | None,
     warnings: list[str],
     atol: float,
     started: float,

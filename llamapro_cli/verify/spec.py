@@ -1,4 +1,4 @@
-"""What transformers would build from a checkpoint's config, for the native engine (`reference.py`).
+"""What transformers would build from a checkpoint's config, for the native engine (`model.py`).
 
 Resolves config.json into a `Spec`: head layout checked against the weight shapes, which linears carry a
 bias, each layer's sliding window, and the rotary tables (`Rope`: modeling_rope_utils types default,

@@ -16,7 +16,7 @@ For a layer mapping (new index -> source layer, identity or not) it checks, chea
 Given the zero argument (docs/concepts.md) this proves the identity for every input, which is why it
 runs first and why the numerical check is a second, independent witness.
 
-Invariant: tensor data is read in bounded chunks (`CHUNK` bytes per side), never whole tensors.
+Invariant: tensor data is read in bounded chunks (`io.ranges.CHUNK` bytes per side), never whole tensors.
 Must not: import torch or transformers; print.
 """
 
@@ -27,21 +27,16 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llamapro_cli.architectures.registry import (
-    GENERIC_FIELDS,
-    Family,
-    FieldKind,
-    LayerField,
-    effective_values,
-    renumber_extra,
-)
+from llamapro_cli.architectures.layers import effective_values
+from llamapro_cli.architectures.parts import GENERIC_FIELDS
+from llamapro_cli.architectures.record import Family, FieldKind, LayerField
+from llamapro_cli.architectures.registry import renumber_extra
 from llamapro_cli.architectures.rewrite import rewrite_config
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import LlamaproError
-from llamapro_cli.lineage import read_range, tensor_is_zero
+from llamapro_cli.lineage import tensor_is_zero
 from llamapro_cli.plan import ExpansionPlan, NewLayer
 
-CHUNK = 16 * 1024 * 1024
 # Config keys that record how a file was written, not what the model computes.
 _BOOKKEEPING = frozenset({"transformers_version", "_name_or_path", "use_cache", "_commit_hash"})
 
@@ -282,18 +277,13 @@ class _Walker:
         return renumber_extra(self.base.family, name, self.plan.num_layers_out, self.plan.num_layers_in)
 
     def _zeroed(self, name: str) -> bool:
-        match = self.expanded.family.block_regex().match(name)
-        return match is not None and self.expanded.family.is_zeroed(match.group(2))
+        parts = self.expanded.family.split_name(name)
+        return parts is not None and self.expanded.family.is_zeroed(parts[1])
 
     def _same_bytes(self, name: str, base_name: str) -> bool:
-        path, offset = self.expanded.location(name)
-        base_path, base_offset = self.base.location(base_name)
-        size = self.expanded.info(name).nbytes
-        for done in range(0, size, CHUNK):
-            n = min(CHUNK, size - done)
-            if read_range(path, offset + done, n) != read_range(base_path, base_offset + done, n):
-                return False
-        return True
+        pairs = zip(self.expanded.read_chunks(name), self.base.read_chunks(base_name), strict=True)
+        # bytes == bytes is a memcmp; memoryview == memoryview compares element by element (slow).
+        return all(mine.tobytes() == theirs.tobytes() for mine, theirs in pairs)
 
 
 def _same_set(mine: set[str], theirs: set[str], what: str, prefix: str, layer: int | None) -> None:

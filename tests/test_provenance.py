@@ -1,0 +1,77 @@
+"""`llamapro.json` is the contract between four commands: the typed record must read every v1 record
+`expand` writes, write it back byte for byte, and refuse malformed ones with a reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llamapro_cli.expand import expand
+from llamapro_cli.provenance import Provenance, RecordError
+
+
+@pytest.fixture(scope="module")
+def twice_expanded(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> Path:
+    root = tmp_path_factory.mktemp("prov")
+    expand(demo, root / "once", every=2, digests=True)
+    expand(root / "once", root / "twice", after=[0])
+    return root / "twice"
+
+
+def test_record_round_trips_byte_for_byte(twice_expanded: Path) -> None:
+    for folder in (twice_expanded, twice_expanded.parent / "once"):
+        text = (folder / "llamapro.json").read_text()
+        record = Provenance.from_json(json.loads(text))
+        assert json.dumps(record.to_json(), indent=2, ensure_ascii=False) + "\n" == text
+        assert Provenance.from_json(record.to_json()) == record
+
+
+def test_nested_generations_are_typed(twice_expanded: Path) -> None:
+    record = Provenance.from_json(json.loads((twice_expanded / "llamapro.json").read_text()))
+    generations = list(record.generations())
+    assert len(generations) == 2
+    assert generations[1].digests is not None and generations[1].digests.algorithm == "sha256"
+    assert generations[0].digests is None
+    assert generations[1].new_layers == (2, 5)
+    assert record.expansion_plan().num_layers_in == generations[1].expansion_plan().num_layers_out
+
+
+def _record(twice_expanded: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((twice_expanded / "llamapro.json").read_text())
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: d.pop("schema_version"), "no schema_version"),
+        (lambda d: d.update(layers="all"), "layers is not a list"),
+        (lambda d: d["layers"][0].update(identity=1), "layers is not a list"),
+        (lambda d: d["layers"][0].update(index=True), "layers is not a list"),
+        (lambda d: d.update(source=[]), "source is not an object"),
+        (lambda d: d["source"].update(num_layers="4"), "source.num_layers is not an integer"),
+        (lambda d: d["plan"].update(kind=3), "plan.kind"),
+        (lambda d: d["plan"].update(after=["1"]), "plan.after"),
+        (lambda d: d.update(digests=[]), "digests or parent"),
+        (lambda d: d["parent"].update(layers=None), "layers is not a list"),
+        (lambda d: d.update(parent=5), "digests or parent"),
+        (lambda d: d.update(zeroed="x"), "zeroed"),
+        (lambda d: d.update(command=["rm"]), "command is not a string"),
+    ],
+)
+def test_malformed_records_are_refused_with_the_reason(
+    twice_expanded: Path, mutate: Any, reason: str
+) -> None:
+    doc = _record(twice_expanded)
+    mutate(doc)
+    with pytest.raises(RecordError, match=reason):
+        Provenance.from_json(doc)
+
+
+def test_unknown_keys_are_kept_on_rewrite(twice_expanded: Path) -> None:
+    doc = _record(twice_expanded)
+    doc["written_by_a_later_version"] = {"x": 1}
+    assert Provenance.from_json(doc).to_json() == doc
