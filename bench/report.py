@@ -240,7 +240,7 @@ def _fs_row(series: dict[str, Any], dd: float, floor: float) -> str:
     return (
         f"| {LABELS[series['tool']]} | {median:.2f} s ({walls[0]:.2f}–{walls[-1]:.2f}) | {_space(new)} "
         f"| {_space(du)} | {_gb(series['bytes_written'])} | {pb / dd:.3f} "
-        f"| {median / floor:.1f} × | {series['correct'] or '—'} |"
+        f"| {f'{median / floor:.1f} ×' if floor == floor else '—'} | {series['correct'] or '—'} |"
     )
 
 
@@ -296,14 +296,15 @@ def render_fs(all_results: list[dict[str, Any]]) -> str:
     lines = [FS_START, ""]
     for results in all_results:
         env = results["environment"]
-        lines += [
-            f"Measured {results['date']} by `bench/run.py {results['args']}` on {env['cores']} cores "
-            f"({env['cpu']}), {env['memory']}, {results['fs']} on a loop-mounted image on the same disk, "
-            f"kernel {env['kernel']}; page cache dropped before every run ({results['cache']}).",
-            "",
-        ]
         for size in results["sizes"]:
-            lines += fs_table(results, size)
+            lines += [
+                f"Measured {size.get('date', results['date'])} by "
+                f"`bench/run.py {size.get('args', results['args'])}` on {env['cores']} cores ({env['cpu']}), "
+                f"{env['memory']}, {results['fs']} on a loop-mounted image on the same disk, kernel "
+                f"{env['kernel']}; page cache dropped before every run ({results['cache']}).",
+                "",
+                *fs_table(results, size),
+            ]
     return "\n".join([*lines, FS_END])
 
 

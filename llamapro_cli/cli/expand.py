@@ -104,6 +104,8 @@ def expand(
 
     Streams byte ranges from the input shards (any dtype, memory at the size of the headers) into a
     temporary folder beside --out, renamed into place only when complete. The input is never modified.
+    Where input and output share a copy-on-write filesystem (XFS with reflink, btrfs), the input's
+    blocks are cloned instead of copied (LLAMAPRO_ENGINE=clone|direct|buffered forces an engine).
     """
     from llamapro_cli.expand import expand as run_expand
     from llamapro_cli.plan import parse_after
