@@ -123,6 +123,18 @@ def only_pickle(root: Path) -> None:
     (root / "pytorch_model.bin").write_bytes(pickle.dumps(Trap(root.parent / "UNPICKLED")))
 
 
+def rename_tensor(root: Path, old: str, new: str) -> None:
+    """Give a tensor another name in its shard header and in the index (data untouched)."""
+    shard = json.loads((root / INDEX).read_text())["weight_map"][old]
+    edit_header(root / shard, lambda h: h.update({new: h.pop(old)}))
+    edit_json(root / INDEX, lambda doc: doc["weight_map"].update({new: doc["weight_map"].pop(old)}))
+
+
+def family_config(model_type: str, **values: Any) -> Callable[[Path], None]:
+    """The demo's config.json read as another family (same tensor layout) with one bad value set."""
+    return lambda r: edit_json(r / "config.json", lambda c: c.update(model_type=model_type, **values))
+
+
 def no_weights(root: Path) -> None:
     for name in (S1, S2, INDEX):
         (root / name).unlink()
@@ -373,6 +385,80 @@ CASES = [
         "layer-missing-tensor",
         lambda r: drop_tensor(r, "model.layers.2.mlp.down_proj.weight"),
         ("layer 2", "model.layers.2.mlp.down_proj.weight"),
+    ),
+    # config values a family record reads: type and range checked before any formula runs
+    *(
+        Case(
+            f"config-zero-period-{model_type}",
+            family_config(model_type, **{key: 0}),
+            ("config.json", f"{key} is 0, not a positive integer"),
+            hint="fix or remove",
+        )
+        for model_type, key in (
+            ("gemma3_text", "sliding_window_pattern"),
+            ("cohere2", "sliding_window_pattern"),
+            ("qwen3_next", "full_attention_interval"),
+            ("llama4_text", "no_rope_layer_interval"),
+        )
+    ),
+    Case(
+        "config-text-config-a-string",
+        family_config("gemma3", text_config="abc"),
+        ("config.json", 'text_config is "abc", not an object'),
+    ),
+    Case(
+        "config-text-config-a-list",
+        family_config("gemma3", text_config=[1]),
+        ("config.json", "text_config is [1], not an object"),
+    ),
+    Case(
+        "config-index-list-an-integer",
+        family_config("qwen3_moe", mlp_only_layers=5),
+        ("config.json", "mlp_only_layers is 5, not a list of layer indices"),
+    ),
+    Case(
+        "config-index-list-nested",
+        family_config("qwen3_moe", mlp_only_layers=[[1]]),
+        ("config.json", "mlp_only_layers is [[1]], not a list of layer indices"),
+    ),
+    Case(
+        "config-quantization-name-huge-index",
+        lambda r: edit_json(
+            r / "config.json",
+            lambda c: c.update(
+                quantization_config={"quant_method": "fp8", "ignore": ["model.layers." + "9" * 5000 + ".mlp"]}
+            ),
+        ),
+        ("config.json", "quantization_config.ignore entry", "malformed layer index"),
+    ),
+    # layer-indexed tensor names: one spelling per index, matched over the whole name
+    Case(
+        "layer-index-leading-zero",
+        lambda r: rename_tensor(
+            r, "model.layers.1.mlp.down_proj.weight", "model.layers.01.mlp.down_proj.weight"
+        ),
+        ('"model.layers.01.mlp.down_proj.weight"', "malformed layer name"),
+    ),
+    Case(
+        "layer-index-unicode-digit",
+        lambda r: rename_tensor(
+            r, "model.layers.1.mlp.down_proj.weight", "model.layers.\u0661.mlp.down_proj.weight"
+        ),
+        ('"model.layers.\\u0661.mlp.down_proj.weight"', "malformed layer name"),
+    ),
+    Case(
+        "layer-name-trailing-newline",
+        lambda r: rename_tensor(
+            r, "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight\n"
+        ),
+        ('"model.layers.1.mlp.down_proj.weight\\n"', "malformed layer name"),
+    ),
+    Case(
+        "layer-index-5000-digits",
+        lambda r: rename_tensor(
+            r, "model.layers.1.mlp.down_proj.weight", "model.layers." + "9" * 5000 + ".mlp.down_proj.weight"
+        ),
+        ('"model.layers.999', "malformed layer name"),
     ),
     Case(
         "refused-quantization",

@@ -37,6 +37,10 @@ import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llamapro_cli.architectures.families import FAMILIES
+from llamapro_cli.architectures.layers import layer_kinds, layer_signature, pattern_warnings
+from llamapro_cli.architectures.registry import config_keys, family_for, num_layers
+from llamapro_cli.architectures.rewrite import rewrite_config
 from llamapro_cli.card import MAX_METADATA_NODES, CardFacts, model_card
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.cli import console
@@ -913,3 +917,147 @@ def test_only_data_is_ever_carried(stem: str, suffixes: list[str], head: bytes) 
             assert name not in found.carried and name in found.not_copied
     finally:
         shutil.rmtree(root)
+
+
+FAMILY_NAMES = [f.name for f in FAMILIES if not f.refuse]
+
+
+_KIND_WORDS = ["full_attention", "sliding_attention", "linear_attention", "conv", "moe", "mamba", "attention"]
+
+
+family_values = (
+    json_values
+    | st.integers(min_value=-2, max_value=8)
+    | st.sampled_from([0, 10**18, 2**63, True, False, "", "M*-E", [[1]], [0, 0], {}])
+    | st.lists(st.integers(min_value=-1, max_value=4) | st.booleans(), max_size=4)
+    | st.lists(st.sampled_from(_KIND_WORDS) | st.integers(0, 1), max_size=4)
+)
+
+
+def family_config(name: str) -> dict[str, Any]:
+    """A valid 2-layer config of a family: LLAMA's values, in `text_config` where the record says."""
+    family = next(f for f in FAMILIES if f.name == name)
+    values = {k: v for k, v in LLAMA.items() if k not in ("model_type", "architectures")}
+    if family.count_key != "num_hidden_layers":
+        values[family.count_key] = values.pop("num_hidden_layers")
+    config: dict[str, Any] = {"model_type": family.model_types[0]}
+    target = config
+    for key in family.config_path:
+        target = target.setdefault(key, {})
+    target.update(values)
+    return config
+
+
+@st.composite
+def family_config_mutation(draw: st.DrawFn) -> dict[str, Any]:
+    """A family's config with 1-3 of the keys its record reads (or the sub-config itself) set or removed."""
+    name = draw(st.sampled_from(FAMILY_NAMES))
+    family = next(f for f in FAMILIES if f.name == name)
+    config = family_config(name)
+    sub = config
+    for key in family.config_path:
+        sub = sub[key]
+    keys = [k.key for k in config_keys(family)]
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        if family.config_path and draw(st.integers(0, 9)) == 0:
+            config[family.config_path[0]] = draw(family_values)
+            return config
+        key = draw(st.sampled_from(keys))
+        if draw(st.integers(0, 4)) == 0:
+            sub.pop(key, None)
+        else:
+            sub[key] = draw(family_values)
+    if draw(st.booleans()):
+        names = [
+            "model.layers.1.mlp",
+            "model.layers.01.mlp",
+            "model.layers." + "7" * 30,
+            "re:model\\.layers\\.1\\.",
+        ]
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "ignore": draw(st.lists(st.sampled_from(names))),
+        }
+    return config
+
+
+layer_indices = st.sampled_from(
+    ["01", "00", "\u0661", "\uff11", "1\n", "1 ", " 1", "+1", "-1", "1_0", "9" * 5000, "1" * 7, "0", "1"]
+) | st.text(alphabet=st.sampled_from("0123456789\u0661\u0967 .\n_-"), max_size=8)
+
+
+def renamed_files(old: str, new: str) -> dict[str, bytes]:
+    """BASE with one tensor renamed in its shard header and in the index."""
+    files = dict(BASE)
+    index = json.loads(files[INDEX])
+    shard = index["weight_map"].pop(old)
+    index["weight_map"][new] = shard
+    header, body = _split_shard(files[shard])
+    header[new] = header.pop(old)
+    files[shard], files[INDEX] = _join_shard(header, body), json.dumps(index).encode()
+    return files
+
+
+def apply_family(config: dict[str, Any]) -> str:
+    """Every use of a config's per-layer values: resolve, kinds, signature, warnings, the rewrite for a
+    plan. Only our own error may come out (the weights are not involved: every family is reachable)."""
+    with bounded():
+        try:
+            family = family_for(config)
+            n = num_layers(family, config)
+            if n is None or not 0 < n <= 64:  # Checkpoint.open compares the count with the weights first
+                return "no usable layer count"
+            layer_kinds(family, config)
+            layer_signature(family, config)
+            pattern_warnings(family, config)
+            rewrite_config(family, config, plan_expansion(n, every=1))
+        except LlamaproError as e:
+            assert e.message and "\n" not in e.message
+            return e.message
+    return "ok"
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_family_base_configs_are_valid(name: str) -> None:
+    # The family mutations start from configs every record accepts. Jamba derives each layer's kind from
+    # index arithmetic, so a copy after every layer is refused (exit 2) before any mutation.
+    outcome = apply_family(family_config(name))
+    assert outcome == "ok" or (name == "jamba" and "cannot be expressed for jamba" in outcome), outcome
+
+
+@FUZZ
+@given(config=family_config_mutation())
+def test_mutated_family_config_values(config: dict[str, Any]) -> None:
+    apply_family(config)
+    read_folder({**BASE, "config.json": json.dumps(config).encode()})
+
+
+@FUZZ
+@given(
+    layer=st.sampled_from(["0", "1"]), index=layer_indices, rest=st.sampled_from(["mlp.down_proj.weight", ""])
+)
+def test_mutated_layer_names(layer: str, index: str, rest: str) -> None:
+    old = f"model.layers.{layer}.mlp.down_proj.weight"
+    new = f"model.layers.{index}." + rest if rest else f"model.layers.{index}"
+    outcome = read_folder(renamed_files(old, new))
+    canonical = len(index) <= 6 and index.isascii() and index.isdigit() and str(int(index)) == index
+    if not canonical:  # one spelling per index: anything else is refused, never read as another layer
+        assert outcome != "ok", new
+
+
+HOSTILE_VALUES: list[Any] = [0, -1, 10**18, True, 1.5, "x", "", [], [[1]], [-1], [1, "a"], {}, {"a": 1}]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_declared_config_key_with_hostile_values(name: str) -> None:
+    """Each key a record reads, and its sub-config, set to each hostile value: our error or a result."""
+    family = next(f for f in FAMILIES if f.name == name)
+    targets = [(k.key, False) for k in config_keys(family)] + [(k, True) for k in family.config_path[:1]]
+    for key, top in targets:
+        for value in HOSTILE_VALUES:
+            config = family_config(name)
+            sub = config
+            for step in () if top else family.config_path:
+                sub = sub[step]
+            sub[key] = value
+            apply_family(config)

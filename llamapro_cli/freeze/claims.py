@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from llamapro_cli.architectures.record import Family
+from llamapro_cli.architectures.record import Family, split_layer_name
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError
 from llamapro_cli.io.ranges import CHUNK
 from llamapro_cli.lineage import tensor_is_zero
 
 IsZero = Callable[[str], bool]
-_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")  # a layer index as written in tensor names: ASCII, no leading zero
 TRAINED_HINT = (
     "the record does not describe these weights (edited, copied from another expansion, or the folder "
     "was trained in place); for a trained checkpoint pass the expanded folder or its manifest with --map"
@@ -45,11 +43,9 @@ def check_new_layers(
     """InputError (exit 3) naming the first claimed new layer that is not an identity copy."""
     finals: dict[int, list[str]] = {j: [] for j in new_layers}
     for name in names:
-        if not name.startswith(layer_prefix):
-            continue
-        index, _, rel = name[len(layer_prefix) :].partition(".")
-        if _INDEX.fullmatch(index) and int(index) in finals and family.is_zeroed(rel):
-            finals[int(index)].append(name)
+        parts = split_layer_name(name, layer_prefix)  # the one parser of layer-indexed names
+        if parts is not None and parts[0] in finals and family.is_zeroed(parts[1]):
+            finals[parts[0]].append(name)
     for j in new_layers:
         if not finals[j]:
             raise InputError(
