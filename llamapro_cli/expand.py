@@ -13,9 +13,6 @@ Must not: print, import torch or transformers.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,30 +25,27 @@ from llamapro_cli.architectures.rewrite import rewrite_config
 from llamapro_cli.card import CardFacts, read_card_source, write_model_card
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.companions import carried_size, carry, companions
-from llamapro_cli.errors import InputError, OutputError, UsageError
+from llamapro_cli.errors import InputError
 from llamapro_cli.folder import within_checkpoint
 from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
 from llamapro_cli.io.header import OutTensor, header_bytes
 from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
 from llamapro_cli.io.sources import SourceFiles
 from llamapro_cli.io.writer import space_needed, write_shard
-from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, parse_int, plan_expansion, shown
+from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, plan_expansion
 from llamapro_cli.provenance import ALGORITHM, SCHEMA_VERSION, Digests, PlanRecord, Provenance, SourceRecord
+from llamapro_cli.shards import (
+    Shards,
+    ShardSummary,
+    parse_size,
+    sha256_json,
+    split_shards,
+    write_index,
+    write_json,
+)
 from llamapro_cli.version import __version__
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-Shards = tuple[tuple[str, tuple[OutTensor, ...]], ...]  # (file name, tensors) per output shard
-
-
-@dataclass(frozen=True)
-class ShardSummary:
-    """One safetensors file of a checkpoint (written, or read by `inspect`): name, tensor count, file size."""
-
-    name: str
-    tensors: int
-    bytes: int
-    engine: str | None = None  # what wrote it: clone, direct or buffered (None in a dry run)
 
 
 @dataclass(frozen=True)
@@ -78,27 +72,6 @@ class ExpandReport:
     free_space: int | None  # None: the filesystem reports no capacity (ramfs), so it is unknown
     digests: bool
     seconds: float
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB', '1.5GB' or a byte count -> bytes (decimal and binary units, like
-    huggingface_hub). Exact integer arithmetic on digits bounded by `parse_int`: no float to overflow."""
-    if isinstance(text, int):
-        return text
-    option, hint = "--max-shard-size", "e.g. 5GB, 500MB, 2GiB"
-    m = re.fullmatch(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"{option} {shown(text)} is not a size", hint=hint)
-    whole = parse_int(m.group(1), option=option, what="a size", hint=hint)
-    fraction = m.group(2) or ""
-    tenths = parse_int(fraction, option=option, what="a size", hint=hint) if fraction else 0
-    unit = (m.group(3) or "B").upper()
-    scale: int = (1024 if "I" in unit else 1000) ** "BKMGT".index(unit[0])
-    denominator: int = 10 ** len(fraction)
-    size = (whole * denominator + tenths) * scale // denominator
-    if size < 1:
-        raise UsageError(f"{option} {shown(text)} must be positive")
-    return size
 
 
 def expand(
@@ -247,7 +220,7 @@ def _card_facts(job: _Job, *, digests: bool, hub_repo_id: str | None) -> CardFac
 def _prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, command: str | None) -> _Job:
     config, config_warnings = rewrite_config(ckpt.family, ckpt.config, plan)
     tensors, zeroed = _tensor_ops(ckpt, plan)
-    shards = _split(tensors, max_shard)
+    shards = split_shards(tensors, max_shard)
     found = companions(ckpt.root)
     readme = ckpt.root / "README.md"
     inside = readme.is_file() and within_checkpoint(ckpt.root, readme)
@@ -311,21 +284,6 @@ def _copy(ckpt: Checkpoint, src: str, dst: str) -> OutTensor:
     return OutTensor(dst, info.dtype, info.shape, source=path, offset=offset)
 
 
-def _split(tensors: list[OutTensor], max_shard: int) -> Shards:
-    from huggingface_hub import split_state_dict_into_shards_factory
-
-    by_name = {t.name: t for t in tensors}
-    split = split_state_dict_into_shards_factory(
-        by_name,
-        get_storage_size=lambda t: t.nbytes,
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard,
-    )
-    return tuple(
-        (fname, tuple(by_name[n] for n in names)) for fname, names in split.filename_to_tensors.items()
-    )
-
-
 def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> dict[str, str]:
     total = job.bytes_to_write + sum(t.nbytes for _, ts in job.shards for t in ts if t.source is None)
     done = 0
@@ -338,7 +296,7 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
 
     meta = job.metadata()
     record = _provenance(job)
-    meta["llamapro_provenance_sha256"] = _sha256_json(record.to_json())
+    meta["llamapro_provenance_sha256"] = sha256_json(record.to_json())
     hashes: dict[str, str] = {}
     engines: dict[str, str] = {}
     known: dict[tuple[Path, int, int], str] = {}  # each source range is hashed once, for every shard
@@ -362,24 +320,14 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
             engines[name] = written.engine.value
             sources.verify()  # a source changed during this shard: stop before anything is published
     if len(job.shards) > 1:
-        _write_index(tmp / INDEX_NAME, job)
-    _write_json(tmp / "config.json", job.config)
+        write_index(tmp / INDEX_NAME, job.shards)
+    write_json(tmp / "config.json", job.config)
     if digests:
         record = replace(record, digests=Digests(ALGORITHM, hashes))
-    _write_json(tmp / PROVENANCE_NAME, record.to_json())
+    write_json(tmp / PROVENANCE_NAME, record.to_json())
     for name in job.carried:
         carry(job.ckpt.root, job.ckpt.root / name, tmp / name)
     return engines
-
-
-def _write_index(path: Path, job: _Job) -> None:
-    # total_size counts tensor bytes only, as transformers and huggingface_hub write it.
-    total = sum(t.nbytes for _, ts in job.shards for t in ts)
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {t.name: name for name, ts in job.shards for t in ts},
-    }
-    _write_json(path, index)
 
 
 def _provenance(job: _Job) -> Provenance:
@@ -404,24 +352,3 @@ def _provenance(job: _Job) -> Provenance:
         zeroed=job.zeroed,
         parent=ckpt.provenance,
     )
-
-
-def _sha256_json(record: dict[str, Any]) -> str:
-    """sha256 of the provenance record as written, with `digests` null (they are computed later)."""
-    import hashlib
-
-    return hashlib.sha256(_json_text(record).encode()).hexdigest()
-
-
-def _json_text(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    try:
-        with open(path, "x", encoding="utf-8") as f:
-            f.write(_json_text(data))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {os.strerror(e.errno or 0)}") from e

@@ -24,7 +24,8 @@ from llamapro_cli.cli.options import CommandSpec, JsonOpt, PrivateOpt, QuietOpt,
 from llamapro_cli.plan import Placement, plan_options
 
 if TYPE_CHECKING:
-    from llamapro_cli.expand import ExpandReport, ShardSummary
+    from llamapro_cli.expand import ExpandReport
+    from llamapro_cli.shards import ShardSummary
 
 EXAMPLES = (
     "llamapro expand --every 4 --in ./llama2-7b --out ./pro-8b      (32 -> 40 layers, LLaMA Pro)",
@@ -157,7 +158,7 @@ def oversized_shards(report: ExpandReport, max_shard_size: str) -> str | None:
     """One line when shards exceed --max-shard-size. The split follows huggingface_hub: the limit counts
     tensor bytes (each header comes on top) and a tensor is never split, so one larger than the limit
     gets a shard of its own, bigger than the limit."""
-    from llamapro_cli.expand import parse_size
+    from llamapro_cli.shards import parse_size
 
     limit = parse_size(max_shard_size)
     over = [s for s in report.shards if s.bytes > limit]
