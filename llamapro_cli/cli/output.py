@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,14 @@ from rich.table import Table
 
 JSON_SCHEMA_VERSION = 1
 PROGRESS_INTERVAL_S = 10.0
+
+
+def _interval() -> float:
+    """Seconds between plain progress lines: `LLAMAPRO_PROGRESS_INTERVAL` (a test hook), else 10."""
+    try:
+        return max(0.0, float(os.environ.get("LLAMAPRO_PROGRESS_INTERVAL") or PROGRESS_INTERVAL_S))
+    except ValueError:
+        return PROGRESS_INTERVAL_S
 
 
 def stdout() -> Console:
@@ -144,10 +153,11 @@ def _rich_bar(label: str) -> Iterator[Callable[[int, int], None]]:
 def _periodic_lines(label: str) -> Callable[[int, int], None]:
     start = time.monotonic()
     last = [start]
+    interval = _interval()
 
     def update(done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= PROGRESS_INTERVAL_S or (done >= total and now - start >= PROGRESS_INTERVAL_S):
+        if now - last[0] >= interval or (done >= total and now - start >= interval):
             last[0] = now
             pct = 100.0 * done / total if total else 100.0
             note(f"{label}: {human_bytes(done)} of {human_bytes(total)} ({pct:.0f}%), {now - start:.0f} s")
