@@ -101,6 +101,30 @@ def test_embedding_row_no_input_uses_is_seen_by_the_structural_check_alone(
     assert result.stdout.startswith("verdict: DIFFERENT: outside the layers: model.embed_tokens.weight")
 
 
+def test_last_element_of_a_multi_chunk_copy_is_checked(
+    pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zeros are tested chunk by chunk (16 MiB): a copy's zeroed tensor must be zero up to its last
+    element, not only in its first chunk (lowered here, so a small tensor spans many chunks)."""
+    from llamapro_cli import lineage
+
+    bad = copy_of(pair[1], tmp_path)
+    name = "model.layers.4.self_attn.o_proj.weight"  # the copy of base layer 3
+
+    def last(t: Any) -> Any:
+        t = t.clone()
+        t.view(-1)[-1] = 1e-3
+        return t
+
+    edit_tensor(bad, name, last)
+    monkeypatch.setattr(lineage, "CHUNK", 4096 + 6)  # many chunks, the last one short
+    report = verify_identity(bad, numerical=False)
+    assert report.verdict == "different" and report.structural is not None
+    assert report.structural.tensor == name and report.reason == (
+        f"layer 4 is an identity copy of base layer 3, but its {name} is not all zero"
+    )
+
+
 # --- config.json: keys both sides set are compared ------------------------------------------------------
 
 

@@ -6,8 +6,12 @@ and compares. Loading must be clean: transformers only *warns* about missing or 
 the gaps with random weights, so every such key is a problem we report. `config_reader` reads a config as
 transformers does (every default filled in), for the structural check's one-sided keys.
 
+Nothing from the checkpoint runs: every transformers call says `trust_remote_code=False` and sees an
+empty stdin (`sealed`), and `refuse_remote_code` refuses, before anything loads, a tokenizer or model only
+the checkpoint's own code (`auto_map`) could build.
+
 Invariant: transformers' logging and progress bars are silenced while it works, then restored.
-Must not: import torch or transformers at module level; print.
+Must not: import torch or transformers at module level; print; let transformers read stdin.
 """
 
 from __future__ import annotations

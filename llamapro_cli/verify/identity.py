@@ -13,8 +13,11 @@ within `atol`). Engines:
 Both return one `NumericalResult` (`numerics.py`), from which the `IdentityReport` (`report.py`) is built.
 
 Invariant: the verdict is "identical" only when every check that ran found no difference. The layer
-mapping comes from `llamapro.json`, or is inferred (`lineage.layer_mapping`) and reported as such.
-Must not: print or choose exit codes (the CLI does); import torch or transformers at module level.
+mapping comes from `llamapro.json` (generations composed down to the base asked for), or is inferred
+(`lineage.layer_mapping`) and reported as such. What transformers could load only with the checkpoint's
+own code is refused before any check runs (`hf_engine.refuse_remote_code`).
+Must not: print or choose exit codes (the CLI does); run code from a checkpoint; import torch or
+transformers at module level.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def verify_identity(
     """Check that `expanded` computes what `base` (default: the source in its llamapro.json) computes.
 
     `structural=False` or `numerical=False` skip a check (the report says so); the numerical check
-    does not run after a structural mismatch, which already decides the verdict.
+    does not run after a structural mismatch, which already decides the verdict. `progress(done, total)`
+    follows every phase on one scale, bytes of weights processed (`progress.py`), and is called at least
+    once a second while a model loads.
     """
     started = time.monotonic()
     if not (structural or numerical):
