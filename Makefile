@@ -42,8 +42,10 @@ fuzz: install
 mutate: install
 	$(BIN)/python scripts/mutate.py
 
+# make bench FS=xfs (or btrfs, ext4): on a loop-mounted image of that filesystem (root); BENCH_ARGS
+# passes more options, e.g. BENCH_ARGS="--sizes 1b --runs 1".
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(if $(FS),--fs $(FS)) $(BENCH_ARGS)
 
 docs: install
 	$(BIN)/python -m mkdocs build --strict

@@ -1,5 +1,5 @@
 """`python -m llamapro_cli` runs the CLI."""
 
-from llamapro_cli.cli.app import main
+from llamapro_cli.cli import main
 
 main()

@@ -11,16 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamapro_cli.architectures.registry import layer_kinds, pattern_warnings
+from llamapro_cli.architectures.layers import layer_kinds, pattern_warnings
 from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.expand import ShardSummary
 from llamapro_cli.provenance import Provenance
-
-
-@dataclass(frozen=True)
-class ShardSummary:
-    name: str
-    tensors: int
-    bytes: int
 
 
 @dataclass(frozen=True)
@@ -66,16 +60,15 @@ def describe_checkpoint(source: str | Path | Checkpoint, *, revision: str | None
     ckpt = source if isinstance(source, Checkpoint) else _open(source, revision)
     family = ckpt.family
     sub = family.sub_config(ckpt.config)
-    regex = family.block_regex()
     per_layer = [0] * ckpt.num_layers
     dtypes: Counter[str] = Counter()
     outside = 0
     for name in ckpt.weight_map:
         info = ckpt.info(name)
         dtypes[info.dtype] += info.numel
-        m = regex.match(name)
-        if m and int(m.group(1)) < ckpt.num_layers:
-            per_layer[int(m.group(1))] += info.numel
+        layer = family.layer_of(name)
+        if layer is not None and layer < ckpt.num_layers:
+            per_layer[layer] += info.numel
         else:
             outside += info.numel
     kinds = layer_kinds(family, ckpt.config)

@@ -2,7 +2,7 @@
 
 Owns `ExpansionPlan` (one canonical list: for every new index j, its source index and whether it is an
 identity copy), `plan_expansion()` (the `--every` / `--after` / `--add` options turned into that list) and
-`parse_after()`.
+`parse_after()`, and its inverse `plan_options()` (the options that reproduce a plan).
 
 Invariant: an `ExpansionPlan` can only exist in a valid layout — indices 0..n-1 in order, every original
 layer 0..L-1 exactly once and in increasing order, every identity copy's source an original layer placed
@@ -344,6 +344,27 @@ def plan_expansion(
 # Digits only (a leading minus is allowed so `-1` is reported as out of range, not as junk); int() alone
 # would also accept "1_0" and non-ASCII digits.
 _INDEX = re.compile(r"-?[0-9]+")
+# Every number an option spells (a layer index, a count, a byte size) fits in 18 digits (< 2**63). Longer
+# text is refused before int() sees it: int() of thousands of digits is slow, then fails or overflows.
+MAX_DIGITS = 18
+
+
+def parse_int(text: str, *, option: str, what: str, hint: str) -> int:
+    """The one place an option's number is read from text (`--after`, `--max-shard-size`): ASCII digits
+    with an optional minus, at most `MAX_DIGITS` of them. Anything else is a `UsageError` (exit 2)."""
+    item = text.strip()
+    if not _INDEX.fullmatch(item):
+        raise UsageError(f"{option}: {shown(item)} is not {what}", hint=hint)
+    digits = len(item.lstrip("-"))
+    if digits > MAX_DIGITS:
+        message = f"{option}: a {digits}-digit number is out of range (at most {MAX_DIGITS} digits)"
+        raise UsageError(message, hint=hint)
+    return int(item)
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """An option's value as an error message quotes it: repr, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 def parse_after(text: str) -> tuple[int, ...]:
@@ -351,10 +372,26 @@ def parse_after(text: str) -> tuple[int, ...]:
     items = [item.strip() for item in text.split(",")]
     if items == [""]:
         raise UsageError("--after needs at least one layer index", hint="e.g. --after 3,7,11")
-    for item in items:
-        if not _INDEX.fullmatch(item):
-            raise UsageError(
-                f"--after {text.strip()!r}: {item!r} is not a layer index",
-                hint="give comma-separated 0-based layer indices, e.g. --after 3,7,11",
-            )
-    return tuple(int(item) for item in items)
+    hint = "give comma-separated 0-based layer indices, e.g. --after 3,7,11"
+    return tuple(parse_int(item, option="--after", what="a layer index", hint=hint) for item in items)
+
+
+def plan_options(plan: ExpansionPlan | Mapping[str, Any]) -> str:
+    """The shortest `expand` options that reproduce a plan, defaults left out: `--every 4`,
+    `--every 4 --copies 2`, `--after 3,7,7`, `--add 8`, `--add 8 --placement top`.
+
+    Takes the plan or its llamapro.json `"plan"` object (`to_record()`), so `inspect`, `expand`'s report
+    and the model card say the same words about the same plan. A record's fields are read defensively:
+    this only describes a record, whoever validated it.
+    """
+    record = plan.to_record() if isinstance(plan, ExpansionPlan) else plan
+    kind = record.get("kind")
+    if kind == PlanKind.EVERY:
+        copies = record.get("copies")
+        return f"--every {record.get('every')}" + (f" --copies {copies}" if copies not in (None, 1) else "")
+    if kind == PlanKind.AFTER:
+        after = record.get("after")
+        return "--after " + ",".join(map(str, after if isinstance(after, list | tuple) else ()))
+    placement = record.get("placement")
+    default = placement in (None, Placement.INTERLEAVE)
+    return f"--add {record.get('add')}" + ("" if default else f" --placement {placement}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from llamapro_cli.architectures.registry import support_matrix_markdown
+from llamapro_cli.architectures.matrix import support_matrix_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 

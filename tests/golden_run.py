@@ -31,7 +31,7 @@ COMMANDS = (
 )
 # Values that legitimately change from run to run.
 VOLATILE_KEYS = ("seconds", "peak_rss_bytes", "peak_gpu_bytes", "created", "free_space")
-_FREE = re.compile(r"(free space +)\d+(?:\.\d+)? GB")
+_FREE = re.compile(r"^(free space +)\d+(?:\.\d+)? [KMGT]?B", re.MULTILINE)  # the disk's, not ours
 _TIME = re.compile(r"\b\d+(?:\.\d+)? ?(?:s|ms)\b")
 _RSS = re.compile(
     r"RSS +\d+(?:\.\d+)? ?(?:MB|GB)|\d+(?:\.\d+)? ?(?:MB|GB) (?:peak )?RSS|\d+(?:\.\d+)? GB free"

@@ -26,6 +26,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llamapro_cli.cli.app import app
+from llamapro_cli.io import header as header_module
+from llamapro_cli.io.files import MAX_JSON_SIZE
 
 S1 = "model-00001-of-00002.safetensors"
 S2 = "model-00002-of-00002.safetensors"
@@ -147,6 +149,32 @@ def outside_shard(root: Path, *, absolute: bool) -> None:
     )
 
 
+def link_outside(path: Path) -> None:
+    """Replace `path` with a relative link to a copy of it outside the folder (`../private/<name>`)."""
+    private = path.parent.parent / "private"
+    private.mkdir(exist_ok=True)
+    shutil.copyfile(path, private / path.name)
+    path.unlink()
+    path.symlink_to(Path("..", "private", path.name))
+
+
+def sparse(path: Path, size: int) -> None:
+    """`path` becomes a sparse file of `size` bytes (no disk used): a reader that reads it whole fails."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def add_empty_tensor(root: Path, shard: str, shape: list[int]) -> None:
+    """Add a zero-byte tensor of `shape` at the end of `shard` (and to the index): only its shape is odd."""
+
+    def change(header: dict[str, Any]) -> None:
+        end = header[_last(header)]["data_offsets"][1]
+        header["extra.weight"] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end]}
+
+    edit_header(root / shard, change)
+    edit_json(root / INDEX, lambda d: d["weight_map"].update({"extra.weight": shard}))
+
+
 # --- the matrix -----------------------------------------------------------------------------------------
 
 
@@ -221,6 +249,16 @@ CASES = [
         (S2, "truncated", "ends at data byte"),
         hint="re-download",
     ),
+    Case(
+        "shape-overflows-64-bits",  # span 0, but the library's checked product overflows: unloadable
+        lambda r: add_empty_tensor(r, S2, [2**40, 2**40, 0]),
+        (S2, "extra.weight", "overflows 64 bits"),
+    ),
+    Case(
+        "shape-bomb",  # huge integers: a product of them would take hours; refused at the first one
+        lambda r: add_empty_tensor(r, S2, [10**4000 - 1] * 200 + [0]),
+        (S2, "extra.weight", "does not fit 64 bits"),
+    ),
     Case("tensors-overlap", lambda r: edit_header(r / S1, _overlap), (S1, "overlaps")),
     Case("gap-in-data", lambda r: shift_all(r / S1, 8), (S1, "8 unused bytes")),
     Case(
@@ -254,6 +292,27 @@ CASES = [
         "index-absolute-path",
         lambda r: outside_shard(r, absolute=True),
         (INDEX, "outside", "not a plain file name"),
+    ),
+    Case(
+        "shard-links-outside",  # its bytes would be copied into the output (and pushed)
+        lambda r: link_outside(r / S2),
+        (S2, "a shard is a link to", "outside the checkpoint folder"),
+        hint="copy the file into the folder",
+    ),
+    Case(
+        "config-links-outside",  # every key of it would be carried into the output's config.json
+        lambda r: link_outside(r / "config.json"),
+        ("config.json", "outside the checkpoint folder"),
+    ),
+    Case(
+        "config-huge",  # sparse: read whole, it would exhaust memory
+        lambda r: sparse(r / "config.json", MAX_JSON_SIZE + 1),
+        ("config.json", "larger than"),
+    ),
+    Case(
+        "index-huge",
+        lambda r: sparse(r / INDEX, MAX_JSON_SIZE + 1),
+        (INDEX, "larger than"),
     ),
     Case("index-not-json", lambda r: (r / INDEX).write_text("{"), (INDEX, "not valid JSON")),
     Case("index-no-weight-map", lambda r: (r / INDEX).write_text("{}"), (INDEX, "no weight_map")),
@@ -414,3 +473,42 @@ def test_input_folder_errors(tmp_path: Path) -> None:
     )
     assert_one_error(a_file, Case("file", lambda r: None, ("is a file",)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_output_header_over_the_cap_is_refused_before_writing(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The input is valid (its header just under the cap, almost all of it metadata), but the output's
+    # headers carry that metadata plus our own keys: no reader could open them. Said before any byte is
+    # written, in a dry run too. The cap (100 MiB, the library's) is lowered for speed: reader and
+    # writer share it.
+    monkeypatch.setattr(header_module, "MAX_HEADER_SIZE", 1 << 20)
+    root = tmp_path / "in"
+    shutil.copytree(demo, root)
+    header, _ = read_shard(root / S1)
+    room = header_module.MAX_HEADER_SIZE - len(json.dumps(header).encode()) - 64
+    edit_header(root / S1, lambda h: h["__metadata__"].update(padding="x" * room))
+    assert CliRunner().invoke(app, ["inspect", str(root)]).exit_code == 0
+    before, out = digest_tree(root), tmp_path / "out"
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(
+            app, ["expand", "--every", "2", "--in", str(root), "--out", str(out), *extra]
+        )
+        case = Case("header-over-cap", lambda r: None, (str(out / "model.safetensors"), "over the"))
+        assert_one_error(result, case)
+        assert not out.exists() and not list(tmp_path.glob("out.*"))
+    assert digest_tree(root) == before
+
+
+def test_a_huge_trained_index_is_refused_unread(demo: Path, tmp_path: Path) -> None:
+    # verify-frozen reads the trained folder's index with the same cap as every JSON file.
+    out = tmp_path / "pro"
+    assert (
+        CliRunner().invoke(app, ["expand", "--every", "2", "--in", str(demo), "--out", str(out)]).exit_code
+        == 0
+    )
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    sparse(trained / INDEX, 4 << 30)  # sparse: refused by its size, nothing of it is read
+    result = CliRunner().invoke(app, ["verify-frozen", "--map", str(out), "--trained", str(trained)])
+    assert_one_error(result, Case("huge-trained-index", lambda r: None, (INDEX, "larger than")))

@@ -27,7 +27,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from llamapro_cli.architectures import registry as arch
+from llamapro_cli.architectures.layers import effective_values, layer_signature
+from llamapro_cli.architectures.matrix import support_matrix_markdown
+from llamapro_cli.architectures.record import Family, FieldKind
+from llamapro_cli.architectures.registry import family_for, num_layers
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.cli.app import app
 from llamapro_cli.expand import expand
@@ -62,7 +65,7 @@ IDENTITY = [
 runner = CliRunner()
 
 
-def _expand(base: Path, out: Path, family: str, **plan: object) -> arch.Family:
+def _expand(base: Path, out: Path, family: str, **plan: object) -> Family:
     if not plan:
         plan = {"after": AFTER.get(family, [1, 4])}
     report = expand(base, out, **plan)  # type: ignore[arg-type]
@@ -81,9 +84,9 @@ def test_expansion_is_exact(tiny_model: TinyModel, tmp_path: Path, family: str, 
     # The structural signature verify-identity uses: every copy behaves like its source.
     old = json.loads((base / "config.json").read_text())
     new = json.loads((tmp_path / "out" / "config.json").read_text())
-    fam = arch.family_for(old)
+    fam = family_for(old)
     rec = json.loads((tmp_path / "out" / "llamapro.json").read_text())
-    before, after = arch.layer_signature(fam, old), arch.layer_signature(fam, new)
+    before, after = layer_signature(fam, old), layer_signature(fam, new)
     assert before is not None and after is not None
     assert after == [before[layer["source"]] for layer in rec["layers"]]
 
@@ -178,19 +181,19 @@ def test_jamba_whole_periods_are_exact(tiny_model: TinyModel, tmp_path: Path) ->
 def test_ported_formulas_match_transformers(tiny_model: TinyModel, family: str, variant: str) -> None:
     """Our effective per-layer values equal what the config class derives from the same config.json."""
     raw = json.loads((tiny_model(family, variant) / "config.json").read_text())
-    fam = arch.family_for(raw)
+    fam = family_for(raw)
     cfg = transformers.AutoConfig.from_pretrained(tiny_model(family, variant))
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    sub, n = fam.sub_config(raw), arch.num_layers(fam, raw)
+    sub, n = fam.sub_config(raw), num_layers(fam, raw)
     assert n is not None
     for fld in fam.layer_fields:
-        ours = arch.effective_values(fld, sub, n)
+        ours = effective_values(fld, sub, n)
         theirs = getattr(text, fld.key, None)
-        if ours is None or theirs is None or fld.kind is arch.FieldKind.VIRTUAL:
+        if ours is None or theirs is None or fld.kind is FieldKind.VIRTUAL:
             continue
-        if fld.kind is arch.FieldKind.INDEX_SET and not fld.derive_always:
+        if fld.kind is FieldKind.INDEX_SET and not fld.derive_always:
             theirs = [i in set(theirs) for i in range(n)]
-        if fld.kind is arch.FieldKind.LIST:
+        if fld.kind is FieldKind.LIST:
             assert list(theirs) == ours, f"{fld.key}: ours {ours}, transformers {list(theirs)}"
 
 
@@ -380,4 +383,4 @@ def test_inspect_shows_layer_kinds(tiny_model: TinyModel) -> None:
 
 def test_architectures_doc_is_current() -> None:
     doc = Path(__file__).parent.parent / "docs" / "architectures.md"
-    assert doc.read_text() == arch.support_matrix_markdown(), "regenerate: python scripts/gen_docs.py"
+    assert doc.read_text() == support_matrix_markdown(), "regenerate: python scripts/gen_docs.py"

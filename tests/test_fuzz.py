@@ -1,6 +1,7 @@
 """Fuzzing the folder-level reader: mutated shard headers, shard indexes, config.json and llamapro.json of
 a whole checkpoint folder, fed to `Checkpoint.open`, `describe_checkpoint`, the `inspect` renderers and a
-dry-run `expand` (plan and config rewrite).
+dry-run `expand` (plan and config rewrite). And what the CLI prints: every report renderer and message fed
+names full of rich markup and control characters, on a pipe and on a terminal.
 
 The only allowed outcomes are a report or our own `LlamaproError`: no other exception, no allocation
 beyond a cap (RLIMIT_AS lowered around each example, so a huge allocation is a MemoryError that fails
@@ -11,17 +12,23 @@ the test), no hang (a per-example timer). Example counts are fixed and derandomi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
 import struct
 import tempfile
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -29,11 +36,16 @@ import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llamapro_cli.card import MAX_METADATA_NODES, CardFacts, model_card
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.cli import output as output
+from llamapro_cli.cli import console
+from llamapro_cli.cli.inspect import render_inspect
 from llamapro_cli.describe import describe_checkpoint
 from llamapro_cli.errors import LlamaproError
 from llamapro_cli.expand import expand
+from llamapro_cli.io.header import DTYPE_BITS, read_header, tensor_nbytes
+from llamapro_cli.io.manifest import MANIFEST, first_foreign, remove_owned, write_manifest
+from llamapro_cli.plan import plan_expansion
 
 CAMPAIGN = os.environ.get("LLAMAPRO_FUZZ_EXAMPLES")
 EXAMPLES = int(CAMPAIGN or 100)
@@ -316,9 +328,9 @@ def read_folder(files: dict[str, bytes]) -> str:
             try:
                 ckpt = Checkpoint.open(root)
                 report = describe_checkpoint(ckpt)
-                json.dumps(output.to_jsonable(report), default=output._default)
+                json.dumps(console.to_jsonable(report), default=console.json_default)
                 with contextlib.redirect_stdout(io.StringIO()):
-                    output.render_inspect(report)
+                    render_inspect(report)
                 # The plan and the config rewrite see the same config: a dry run writes nothing.
                 expand(ckpt, root.with_name(root.name + "-out"), every=1, dry_run=True)
             except LlamaproError as e:
@@ -384,3 +396,310 @@ def test_mutated_everything(data: st.DataObject, mutate: list[str]) -> None:
 @given(name=st.sampled_from([SHARDS[0], INDEX, "config.json", "llamapro.json"]), junk=st.binary(max_size=256))
 def test_random_bytes(name: str, junk: bytes) -> None:
     read_folder({**BASE, name: junk})
+
+
+# --- what the CLI prints: data is never markup and never reaches the terminal raw -----------------------
+
+# Names a hostile checkpoint can carry: rich markup, terminal escape sequences, CR/BEL/DEL, C1 controls,
+# Unicode line separators and bidi overrides, emoji codes, and ordinary text.
+hostile_text = (
+    st.sampled_from(
+        [
+            "[/]",
+            "[/x]",
+            "[bold red]x[/bold red]",
+            "[link=https://example.com]y",
+            "\x1b[2J",
+            "\x1b]0;title\x07",
+            "x\rerror: forged",
+            "\x9b31m",
+            ":smile:",
+            "\u202eevil",
+            "a\u2028b",
+            "tab\there",
+            "line\nbreak",
+        ]
+    )
+    | st.text(
+        alphabet=st.sampled_from(list("[]/\\=:ab \x1b\x07\r\n\t\x00\x7f\x85\x9b\u2028\u202eé中")), max_size=16
+    )
+    | st.text(max_size=12)
+).filter(lambda text: not set(text) & set(TWIN_BRACKETS.values()))
+TWIN_BRACKETS = {"[": "\u27e6", "]": "\u27e7"}  # same display width, never markup, never drawn
+RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _build(hint: Any, draw: st.DrawFn) -> Any:
+    """A value of the type `hint` (a report dataclass and everything nested), every string hostile.
+    Tuples have two items, so the renderers' paired fields (new layers and their sources) line up."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return hint(**{f.name: _build(hints[f.name], draw) for f in dataclasses.fields(hint)})
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return draw(st.sampled_from(list(hint)))
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in args if a is not type(None)]
+        return None if len(options) < len(args) and draw(st.booleans()) else _build(options[0], draw)
+    if origin is tuple:
+        items = [args[0], args[0]] if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return tuple(_build(a, draw) for a in items)
+    if origin is dict:
+        return {draw(hostile_text): _build(args[1], draw) for _ in range(2)}
+    strategies: dict[Any, st.SearchStrategy[Any]] = {
+        str: hostile_text,
+        Any: hostile_text,
+        bool: st.booleans(),
+        int: st.integers(min_value=0, max_value=10**15),
+        float: st.floats(min_value=0, max_value=1e6),
+    }
+    return draw(strategies[hint])
+
+
+def _twin(value: Any) -> Any:
+    """The same value with every bracket of every string replaced by a look-alike rich ignores."""
+    if isinstance(value, str):
+        return value.translate(str.maketrans(TWIN_BRACKETS))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value, **{f.name: _twin(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        )
+    if isinstance(value, tuple):
+        return tuple(_twin(v) for v in value)
+    if isinstance(value, dict):
+        return {_twin(k): _twin(v) for k, v in value.items()}
+    return value
+
+
+def _renderers() -> dict[str, tuple[type, Callable[[Any], None]]]:
+    from llamapro_cli.cli import expand as cli_expand
+    from llamapro_cli.cli import freeze, hub, verify
+    from llamapro_cli.describe import InspectReport
+    from llamapro_cli.expand import ExpandReport
+    from llamapro_cli.freeze.audit import FrozenReport
+    from llamapro_cli.freeze.map import FreezeMap
+    from llamapro_cli.freeze.trainers import Format, Snippet
+    from llamapro_cli.hub import PushReport
+    from llamapro_cli.verify.identity import IdentityReport
+
+    return {
+        "inspect": (InspectReport, render_inspect),
+        "expand": (ExpandReport, cli_expand.render_expand),
+        "verify-identity": (IdentityReport, verify.render_identity),
+        "freeze-map": (FreezeMap, lambda fm: freeze.render_freeze_map(fm, (Format.AXOLOTL, Format.HF))),
+        "snippet": (Snippet, freeze.render_snippet),
+        "verify-frozen": (FrozenReport, freeze.render_frozen),
+        "push": (PushReport, hub.render_push),
+    }
+
+
+def _shown(render: Callable[[], None], *, terminal: bool, no_color: bool) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    env = {"NO_COLOR": "1" if no_color else "", "COLUMNS": "100"}
+    with (
+        mock.patch.dict(os.environ, env),
+        mock.patch.object(console, "stdout_is_terminal", lambda: terminal),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        render()
+    return out.getvalue() + err.getvalue()
+
+
+@FUZZ
+@given(
+    which=st.sampled_from(sorted(_renderers())),
+    terminal=st.booleans(),
+    no_color=st.booleans(),
+    data=st.data(),
+)
+def test_renderers_show_hostile_names_as_text(
+    which: str, terminal: bool, no_color: bool, data: st.DataObject
+) -> None:
+    cls, render = _renderers()[which]
+    report = _build(cls, data.draw)
+    shown = _shown(lambda: render(report), terminal=terminal, no_color=no_color)
+    assert not RAW_CONTROL.search(shown), shown
+    if which != "snippet":  # a snippet keeps its own line breaks and tabs; every other value is one line
+        assert "\t" not in shown
+    # Markup would consume brackets: the report and its bracket-free twin must print the same text.
+    twin = _shown(lambda: render(_twin(report)), terminal=terminal, no_color=no_color)
+    assert _twin(shown) == twin
+    as_json = _shown(lambda: console.print_json(report), terminal=terminal, no_color=no_color)
+    assert as_json.isascii() and json.loads(as_json) == json.loads(
+        json.dumps(console.to_jsonable(report), default=console.json_default)
+    )
+
+
+@FUZZ
+@given(message=hostile_text, hint=st.none() | hostile_text)
+def test_messages_are_one_line_each(message: str, hint: str | None) -> None:
+    emits: list[tuple[Callable[[], None], int]] = [
+        (lambda: console.error(message, hint), 2 if hint else 1),
+        (lambda: console.warn(message), 1),
+        (lambda: console.note(message), 1),
+    ]
+    for emit, lines in emits:
+        shown = _shown(emit, terminal=False, no_color=False)
+        assert not RAW_CONTROL.search(shown) and shown.count("\n") == lines, shown
+
+
+_dims = (
+    st.sampled_from([0, 1, 2, 3, 7, 8])
+    | st.sampled_from([2**k + d for k in (31, 32, 40, 61, 62, 63, 64, 65) for d in (-1, 0, 1)])
+    | st.integers(min_value=0, max_value=2**66)
+)
+
+
+def _one_tensor_file(root: Path, dtype: str, shape: list[int], span: int) -> Path:
+    text = json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, span]}}).encode()
+    path = root / "one.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * span)
+    return path
+
+
+@FUZZ
+@given(dtype=st.sampled_from(sorted(DTYPE_BITS)), shape=st.lists(_dims, max_size=5), span=st.integers(0, 64))
+def test_shapes_are_accepted_exactly_as_safetensors_accepts_them(
+    dtype: str, shape: list[int], span: int
+) -> None:
+    # The class "accepts what the library refuses" (an unloadable output): checked dimension by dimension
+    # in 64-bit arithmetic, as the library's checked_mul does, even past a zero dimension.
+    from safetensors import safe_open
+
+    with contextlib.suppress(ValueError):
+        span = tensor_nbytes(dtype, shape) if span % 2 else span  # half the examples: the matching span
+    if span > 64:
+        span = 0
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-"))
+    try:
+        path = _one_tensor_file(root, dtype, shape, span)
+        try:
+            with safe_open(str(path), "np"):
+                library = True
+        except Exception:  # SafetensorError (and serde's errors) for every refusal
+            library = False
+        with bounded():
+            try:
+                read_header(path)
+                ours = True
+            except LlamaproError:
+                ours = False
+        assert ours == library, (dtype, shape, span)
+    finally:
+        shutil.rmtree(root)
+
+
+@FUZZ
+@given(
+    digits=st.integers(min_value=20, max_value=4000),
+    count=st.integers(min_value=1, max_value=400),
+    tail=st.sampled_from([[0], [], [1]]),
+)
+def test_shape_bombs_are_refused_in_linear_time(digits: int, count: int, tail: list[int]) -> None:
+    # Hundreds of thousand-digit dimensions: refused at the first one, never multiplied (the timer and
+    # the memory cap of `read_folder` fail the test otherwise).
+    header, body = _split_shard(BASE[SHARDS[1]])
+    header["model.norm.weight"]["shape"] = [10**digits - 1] * count + tail
+    message = read_folder({**BASE, SHARDS[1]: _join_shard(header, body)})
+    assert "does not fit 64 bits" in message
+
+
+@st.composite
+def alias_cards(draw: st.DrawFn) -> str:
+    """YAML metadata built of anchors whose values reference earlier anchors many times over."""
+    lines = [f"a0: &a0 {json.dumps(draw(st.lists(st.text(max_size=4), max_size=9)))}"]
+    for i in range(1, draw(st.integers(min_value=1, max_value=12))):
+        refs = draw(st.lists(st.integers(min_value=0, max_value=i - 1), min_size=1, max_size=12))
+        if draw(st.booleans()):
+            lines.append(f"a{i}: &a{i} [" + ", ".join(f"*a{r}" for r in refs) + "]")
+        else:
+            lines.append(f"a{i}: &a{i} {{" + ", ".join(f"k{j}: *a{r}" for j, r in enumerate(refs)) + "}")
+    extra = draw(st.sampled_from(["", "license: mit\n", "self: &s [*s]\n", "tags: [x, y]\n"]))
+    return "---\n" + extra + "\n".join(lines) + "\n---\n# Card\n"
+
+
+@FUZZ
+@given(text=alias_cards())
+def test_card_metadata_never_expands_past_its_budget(text: str) -> None:
+    facts = CardFacts(
+        name="x",
+        model_ref="./x",
+        source="/in",
+        base_model=None,
+        revision=None,
+        architecture="llama",
+        command=None,
+        plan=plan_expansion(2, every=1),
+        parameters_in=1,
+        parameters_out=2,
+        digests=False,
+        original=text,
+    )
+    with bounded():
+        card = str(model_card(facts))
+    assert len(card) < 2 * MAX_METADATA_NODES * 64 + len(text) + 10_000
+
+
+_RECORDED = {"llamapro.json": b"{}", "config.json": b'{"a": 1}', "model.safetensors": b"\0" * 4096}
+
+
+@st.composite
+def output_mutations(draw: st.DrawFn) -> list[tuple[str, str]]:
+    kinds = st.sampled_from(["add-file", "add-folder", "add-link", "rewrite", "resize", "touch", "record"])
+    names = st.sampled_from([*_RECORDED, "notes.txt", "checkpoint-1000"])
+    return draw(st.lists(st.tuples(kinds, names), max_size=3))
+
+
+def _mutate(folder: Path, kind: str, name: str) -> None:
+    path = folder / name
+    if kind == "add-file" and not path.exists():
+        path.write_text("user data")
+    elif kind == "add-folder" and not path.exists():
+        path.mkdir()
+        (path / "optimizer.pt").write_text("user data")
+    elif kind == "add-link" and not path.exists():
+        path.symlink_to("/etc/hostname")
+    elif kind == "rewrite" and path.is_file() and not path.is_symlink():
+        stat = path.stat()
+        path.write_bytes(bytes(b ^ 1 for b in path.read_bytes()))  # same size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime: only the hash tells
+    elif kind == "resize" and path.is_file() and not path.is_symlink():
+        path.write_bytes(path.read_bytes() + b"user data")
+    elif kind == "touch" and path.is_file() and not path.is_symlink():
+        os.utime(path, ns=(0, path.stat().st_mtime_ns + 1))
+    elif kind == "record":
+        (folder / MANIFEST).write_text(draw_record(name))
+
+
+def draw_record(name: str) -> str:
+    return {
+        "llamapro.json": "not json",
+        "config.json": "[]",
+        "model.safetensors": '{"llamapro_files": 1}',
+    }.get(name, '{"llamapro_files": 1, "files": {"llamapro.json": {"size": 2, "mtime_ns": 0}}}')
+
+
+@FUZZ
+@given(mutations=output_mutations())
+def test_force_removes_only_recorded_files(mutations: list[tuple[str, str]]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="llamapro-fuzz-"))
+    try:
+        folder = root / "out"
+        folder.mkdir()
+        for name, data in _RECORDED.items():
+            (folder / name).write_bytes(data)
+        write_manifest(folder)
+        for kind, name in mutations:
+            _mutate(folder, kind, name)
+        before = sorted(str(p) for p in folder.rglob("*"))
+        foreign = first_foreign(folder)
+        left = remove_owned(folder)
+        if not mutations:  # exactly what was recorded: ours, all of it removed
+            assert foreign is None and left is None
+        if foreign is not None:  # anything foreign: nothing at all is removed
+            assert left is not None and sorted(str(p) for p in folder.rglob("*")) == before
+        else:
+            assert not folder.exists()
+    finally:
+        shutil.rmtree(root)

@@ -5,6 +5,7 @@ partial one; remote `inspect` reads headers only and equals a local inspect; off
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.expand import expand
+from llamapro_cli.io.manifest import MANIFEST
 
 REPO = "org/tiny-pro"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -84,7 +86,12 @@ class FakeHub:
     def _upload(self, name: str, kw: dict[str, Any]) -> None:
         self.calls.append((name, kw))
         folder = Path(kw["folder_path"])
-        self.uploaded = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        ignored = kw.get("ignore_patterns") or []
+        self.uploaded = {
+            str(p.relative_to(folder)): p.read_bytes()
+            for p in folder.rglob("*")
+            if p.is_file() and not any(fnmatch.fnmatch(str(p.relative_to(folder)), g) for g in ignored)
+        }
         if self.fail is not None:
             raise self.fail
 
@@ -126,13 +133,14 @@ def test_expand_push_uploads_the_finished_folder(
     assert hub.calls[1][1] == {"repo_id": REPO, "branch": "exp", "exist_ok": True, "repo_type": "model"}
     upload = hub.calls[2][1]
     assert Path(upload["folder_path"]) == out.resolve() and upload["revision"] == "exp"
-    # What was sent is exactly the finished output: no marker, every file byte-identical.
-    assert ".llamapro-partial" not in hub.uploaded
-    assert hub.uploaded == {p.name: p.read_bytes() for p in out.iterdir()}
+    # What was sent is exactly the finished output: no marker, no record of our own files for --force,
+    # every file byte-identical.
+    assert ".llamapro-partial" not in hub.uploaded and MANIFEST not in hub.uploaded
+    assert hub.uploaded == {p.name: p.read_bytes() for p in out.iterdir() if p.name != MANIFEST}
     assert {"README.md", "llamapro.json", "config.json"} <= set(hub.uploaded)
     card = ModelCard(hub.uploaded["README.md"].decode())
     assert card.data.to_dict()["tags"] == ["llama-pro", "block-expansion"]
-    assert f"llamapro freeze-map {REPO} --format peft" in card.text  # the card names the pushed repo
+    assert f"llamapro freeze-map {REPO} --format hf" in card.text  # the card names the pushed repo
     assert result.stderr.strip().endswith(
         f"pushed {len(hub.uploaded)} files to https://huggingface.co/{REPO}/tree/exp"
     )
@@ -151,10 +159,11 @@ def test_push_command_json_and_large_folder_api(expanded: Path, fake_hub: Callab
         "repo_type": "model",
         "revision": None,
         "private": None,
+        "ignore_patterns": [MANIFEST],
     }
     doc = json.loads(result.stdout)  # stdout is the document only; the hub's report went to stderr
     assert "report: 3 files committed" in result.stderr
-    files = [p for p in expanded.iterdir() if p.is_file()]
+    files = [p for p in expanded.iterdir() if p.is_file() and p.name != MANIFEST]
     assert doc["schema_version"] == 1 and doc["method"] == "upload_large_folder"
     assert doc["files"] == len(files) and doc["bytes"] == sum(p.stat().st_size for p in files)
     assert doc["url"] == f"https://huggingface.co/{REPO}" and doc["commit"] is None

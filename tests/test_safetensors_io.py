@@ -1,5 +1,6 @@
-"""safetensors_io: the reader against the real library's files, the writer against the library's bytes,
-every validation rule, holes, digests, chunking, the buffered fallback, and write failures."""
+"""The safetensors format and the buffered writer: the reader against the real library's files, the
+writer against the library's bytes, every validation rule, holes, digests, chunking, the buffered
+fallback, and write failures."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from llamapro_cli.errors import InputError, OutputError
-from llamapro_cli.io import header as sio
+from llamapro_cli.io import buffered
 from llamapro_cli.io.header import (
     DTYPE_BITS,
     MAX_HEADER_SIZE,
@@ -32,8 +33,8 @@ from llamapro_cli.io.header import (
     header_bytes,
     read_header,
     tensor_nbytes,
-    write_shard,
 )
+from llamapro_cli.io.writer import write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32"}
@@ -55,6 +56,14 @@ def _torch_tensors() -> dict[str, torch.Tensor]:
         "empty": torch.zeros((0, 3)),
         "ünïcode.weight": torch.ones(2, dtype=torch.bfloat16),
     }
+
+
+@pytest.fixture(autouse=True)
+def _buffered_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer tests here are the buffered engine's, whatever filesystem the temporary folder is on
+    (XFS or btrfs would otherwise pick the clone engine); test_direct_io.py and test_clone_io.py hold the
+    other engines to the same bytes."""
+    monkeypatch.setenv("LLAMAPRO_ENGINE", "buffered")
 
 
 @pytest.fixture
@@ -250,7 +259,7 @@ def test_digests_and_progress(
     tensors = _mixed(lib_file)
     calls: list[int] = []
     out = tmp_path / "d.safetensors"
-    digests = write_shard(out, tensors, {"format": "pt"}, digests=True, progress=calls.append)
+    digests = write_shard(out, tensors, {"format": "pt"}, digests=True, progress=calls.append).digests
     expected = {n: hashlib.sha256(b).hexdigest() for n, b in _expected_bytes(tensors).items()}
     assert digests == expected
     assert {n: hashlib.sha256(b).hexdigest() for n, b in _tensor_bytes(out).items()} == expected
@@ -268,7 +277,8 @@ def test_small_chunks_give_identical_bytes(
     write_shard(tmp_path / "ref.safetensors", tensors, {"format": "pt"})
     monkeypatch.setenv("LLAMAPRO_COPY_CHUNK", chunk)
     calls: list[int] = []
-    assert write_shard(tmp_path / "c.safetensors", tensors, {"format": "pt"}, progress=calls.append) == {}
+    written = write_shard(tmp_path / "c.safetensors", tensors, {"format": "pt"}, progress=calls.append)
+    assert written.digests == {}
     assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     copied = sum(t.nbytes for t in tensors if t.source is not None)
     assert len(calls) >= copied // int(chunk) and sum(calls) == sum(t.nbytes for t in tensors)
@@ -280,7 +290,7 @@ def test_chunk_delay_sleeps_after_each_chunk(
     monkeypatch.setenv("LLAMAPRO_COPY_CHUNK", "16")
     monkeypatch.setenv("LLAMAPRO_TEST_CHUNK_DELAY", "0.5")
     sleeps: list[float] = []
-    monkeypatch.setattr(sio.time, "sleep", sleeps.append)
+    monkeypatch.setattr(buffered.time, "sleep", sleeps.append)
     calls: list[int] = []
     write_shard(tmp_path / "s.safetensors", _copies_of(lib_file), {}, progress=calls.append)
     assert len(sleeps) == len(calls) > 10 and set(sleeps) == {0.5}
@@ -353,7 +363,8 @@ def test_rlimit_fsize_is_output_error(tmp_path: Path) -> None:
         import resource
         from pathlib import Path
         from llamapro_cli.errors import OutputError
-        from llamapro_cli.io.header import OutTensor, write_shard
+        from llamapro_cli.io.header import OutTensor
+        from llamapro_cli.io.writer import write_shard
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
         src = Path({str(source)!r})
         try:
@@ -561,7 +572,7 @@ def test_round_trip(
         if DTYPE_BITS[dtype] * int(np.prod(shape)) % 8:
             shape = [*shape, 8]  # whole bytes for sub-byte dtypes
         tensors.append(OutTensor(name, dtype, tuple(shape), None if zero else source, 17))
-    digests = write_shard(tmp / "out.safetensors", tensors, metadata, digests=True)
+    digests = write_shard(tmp / "out.safetensors", tensors, metadata, digests=True).digests
     header = read_header(tmp / "out.safetensors")
     assert header.metadata == metadata
     # Written contiguously in order, so sorting by offset keeps the given order, empty tensors included.

@@ -709,7 +709,7 @@ def test_window_of_layers_with_several_kind_words_is_active(
 ) -> None:
     """Layer kinds join one word per per-layer field ("rope moe chunked_attention"): a chunked or sliding
     layer among them still makes its window active, so the prefill goes past it (or a warning says not)."""
-    from llamapro_cli.architectures.registry import layer_kinds
+    from llamapro_cli.architectures.layers import layer_kinds
     from llamapro_cli.checkpoint import Checkpoint
     from llamapro_cli.verify.inputs import active_window
 

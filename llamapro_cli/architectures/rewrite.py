@@ -17,19 +17,20 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llamapro_cli.architectures.registry import (  # the per-layer helpers are shared with inspect and verify
-    QUANT_NAME_KEYS,
-    Config,
-    Family,
-    FieldKind,
-    LayerField,
-    _active,
-    _fields,
-    _pattern_message,
-    _short,
-    _without,
+from llamapro_cli.architectures.layers import (
     effective_values,
+    is_active,
+    pattern_message,
+    short_list,
+    without_key,
+)
+from llamapro_cli.architectures.record import Config, Family, FieldKind, LayerField
+from llamapro_cli.architectures.registry import (
+    QUANT_NAME_KEYS,
     extra_layers,
+    fields_of,
+    quantization_layer_index,
+    quantization_layer_pattern,
 )
 from llamapro_cli.errors import UnsupportedError, UsageError
 from llamapro_cli.plan import ExpansionPlan
@@ -50,8 +51,8 @@ def rewrite_config(family: Family, config: Config, plan: ExpansionPlan) -> tuple
     warnings: list[str] = []
     _refuse_unknown_lists(family, old, n)
     written: list[tuple[LayerField, list[Any], list[Any]]] = []
-    for fld in _fields(family):
-        values = effective_values(fld, old, n) if _active(fld, old) else None
+    for fld in fields_of(family):
+        values = effective_values(fld, old, n) if is_active(fld, old) else None
         if values is None:
             continue
         remapped = [values[s] for s in sources]
@@ -114,7 +115,7 @@ def _check_virtual(
             period = _period(got)
             raise UsageError(
                 f"this plan cannot be expressed for {family.name}: its config derives each layer's kind "
-                f"from the index ({fld.key}), and new layers {_short(bad)} would change kind",
+                f"from the index ({fld.key}), and new layers {short_list(bad)} would change kind",
                 hint=f"insert whole periods: --every {period} --copies {period} keeps every layer's kind",
             )
 
@@ -137,11 +138,11 @@ def _broken_patterns(
     for fld, values, remapped in written:
         if not fld.periodic or fld.derive is None:
             continue
-        followed = fld.derive(_without(old, fld.key), plan.num_layers_in) == values
-        formula = fld.derive(_without(sub, fld.key), plan.num_layers_out)
+        followed = fld.derive(without_key(old, fld.key), plan.num_layers_in) == values
+        formula = fld.derive(without_key(sub, fld.key), plan.num_layers_out)
         if followed and formula != remapped:
             bad = [j for j in range(plan.num_layers_out) if formula[j] != remapped[j]]
-            out.append(_pattern_message(family, fld, bad))
+            out.append(pattern_message(family, fld, bad))
     return out
 
 
@@ -150,10 +151,7 @@ def _remap_quantization(family: Family, config: dict[str, Any], plan: ExpansionP
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         return []
-    prefixes = [p for p in (family.layer_prefix, family.memory_prefix) if p]
-    pattern = re.compile(
-        "(" + "|".join(re.escape(p).replace(r"\.", r"\\?\.") for p in prefixes) + r")(\d+)(?=\\?\.|$)"
-    )
+    pattern = quantization_layer_pattern(family)
     new_of: dict[int, list[int]] = {}
     for layer in plan.layers:
         new_of.setdefault(layer.source, []).append(layer.index)
@@ -167,9 +165,9 @@ def _remap_quantization(family: Family, config: dict[str, Any], plan: ExpansionP
 
 def _remap_name(name: Any, pattern: re.Pattern[str], new_of: dict[int, list[int]], shift: int) -> list[Any]:
     m = pattern.search(name) if isinstance(name, str) else None
-    if m is None:
+    index = None if m is None else quantization_layer_index(m)
+    if m is None or index is None:  # a malformed index was refused when the config was read
         return [name]
-    index = int(m.group(2))
     targets = new_of.get(index, [index + shift])
     return [name[: m.start(2)] + str(j) + name[m.end(2) :] for j in targets]
 
@@ -188,7 +186,7 @@ def _extra_layer_notes(family: Family, old: Config, plan: ExpansionPlan) -> list
 
 
 def _refuse_unknown_lists(family: Family, sub: Config, n: int) -> None:
-    known = {f.key for f in _fields(family)}
+    known = {f.key for f in fields_of(family)}
     if sub.get("per_layer_config"):
         raise UnsupportedError(
             "config.json: per_layer_config overrides individual layers and llamapro does not remap it yet",

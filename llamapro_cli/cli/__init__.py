@@ -1,5 +1,6 @@
-"""The command line: the Typer app, one thin function per command, the console and the renderers.
-`llamapro = "llamapro_cli.cli:main"` is the console script.
+"""The command line: the Typer app (`app`), one module per command group with its renderers and
+examples (`inspect`, `expand`, `verify`, `freeze`, `hub`, `demo`), shared options (`options`) and the
+two output streams (`console`). `llamapro = "llamapro_cli.cli:main"` is the console script.
 
 Must not: contain surgery logic; be imported by any library module."""
 

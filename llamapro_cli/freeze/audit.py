@@ -1,33 +1,35 @@
 """`verify_frozen()`: did training leave every frozen tensor bit-identical, and did it move the new layers?
 
 The reference is the freeze map's sha256 digests (`expand --digests`), or, without them, the expanded
-checkpoint's own bytes. The trained checkpoint is read as bare safetensors files (an index, one file, or
-every `*.safetensors` in the folder): trainers often save weights without config.json or llamapro.json,
-re-shard them, prefix their names (`base_model.model.`, `_orig_mod.`, `module.`) and upcast trainable
-tensors to fp32. Names are matched after stripping those prefixes (or as in-memory parameter names);
-a tensor whose dtype changed is converted back to its original dtype chunk by chunk, and only when that
-round trip is exact can it still be "unchanged".
+checkpoint's own bytes. The trained checkpoint is read as bare safetensors files by `trained.py`, which
+names each tensor by the map's key whatever prefix, sharding or file layout the trainer used. A tensor
+whose dtype changed (trainers upcast trainable tensors to fp32) is converted back to its original dtype
+chunk by chunk, and only when that round trip is exact can it still be "unchanged".
 
-Invariant: tensor data is streamed in bounded chunks (at most `CHUNK` bytes per read); the report, not
-an exception, says whether the check failed. Must not: print, choose exit codes, import torch except to
-convert dtypes.
+Invariant: tensor data is streamed in bounded chunks (at most `io.ranges.CHUNK` bytes per read); the
+report, not an exception, says whether the check failed. Must not: print, choose exit codes, import
+torch except to convert dtypes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamapro_cli.architectures.registry import FAMILIES
-from llamapro_cli.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from llamapro_cli.architectures.record import layer_index
+from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
-from llamapro_cli.freeze.map import FreezeMap, TensorEntry, freeze_map, load_manifest
-from llamapro_cli.io.header import TensorInfo, read_header
-from llamapro_cli.io.ranges import CHUNK, read_chunks
+from llamapro_cli.freeze.apply import reference_map
+from llamapro_cli.freeze.claims import check_new_layers, zero_by_digest, zero_by_value
+from llamapro_cli.freeze.manifest import manifest_family
+from llamapro_cli.freeze.map import FreezeMap, TensorEntry
+from llamapro_cli.freeze.trained import TrainedTensor, is_lora, lora_target, open_trained
+from llamapro_cli.io import ranges
+from llamapro_cli.io.header import tensor_nbytes
+from llamapro_cli.io.ranges import read_chunks
 
 Progress = Callable[[int, int], None]
 REF_DIGESTS = "sha256 digests recorded by expand --digests"
@@ -92,9 +94,11 @@ def verify_frozen(
 ) -> FrozenReport:
     """Compare a trained checkpoint with a freeze map (a manifest file, or an expanded checkpoint)."""
     started = time.monotonic()
-    fm, label = _load_map(map_or_expanded, also)
+    fm, label = reference_map(map_or_expanded, also)
     reference = _reference(fm)
     _refuse_self_comparison(reference, Path(trained))
+    if isinstance(map_or_expanded, FreezeMap) or not Path(map_or_expanded).expanduser().is_dir():
+        _check_claims(fm, reference, label)  # a folder's record was checked by freeze_map()
     heads = tied_heads(fm)
     files, tensors, stripped, extra = open_trained(Path(trained), fm, heads=heads)
     for head, embeddings in heads.items():
@@ -106,18 +110,27 @@ def verify_frozen(
     for head, embeddings in heads.items():
         if head in tensors:  # the trainer untied the head: it must still be the embedding matrix
             audit.check(head, tensors[head], like=embeddings)
+    for raw in extra:  # unmerged LoRA matrices change the weight they adapt at load time
+        target = lora_target(raw)
+        if is_lora(raw) and target in fm.tensors and target not in audit.trainable:
+            audit.changed.append(Changed(target, f"a LoRA adapter on it was saved ({raw})"))
     return audit.report(label, str(trained), files, stripped, extra, time.monotonic() - started)
 
 
-def _load_map(source: str | Path | FreezeMap, also: Sequence[str]) -> tuple[FreezeMap, str]:
-    if isinstance(source, FreezeMap):
-        return source, source.checkpoint
-    path = Path(source).expanduser()
-    if path.is_file():
-        if also:
-            raise UsageError("--also applies when --map is a checkpoint folder; a manifest records its roles")
-        return load_manifest(path), str(path)
-    return freeze_map(source, also=also), str(source)
+def _check_claims(fm: FreezeMap, ref: _Reference, label: str) -> None:
+    """A manifest's new layers must be identity copies in what it was made from (digests or bytes):
+    otherwise an original layer would be audited as trainable."""
+    family = manifest_family(fm, label)
+    if ref.ckpt is None:
+        digests = {n: e.sha256 for n, e in fm.tensors.items()}
+        is_zero = zero_by_digest(digests, lambda n: tensor_nbytes(fm.tensors[n].dtype, fm.tensors[n].shape))
+    else:
+        is_zero = zero_by_value(ref.ckpt)
+    hint = (
+        "the map does not describe the expanded checkpoint (edited, or made from trained weights): "
+        "use the expanded checkpoint or the manifest written before training"
+    )
+    check_new_layers(family, fm.layer_prefix, fm.tensors, fm.new_layers, is_zero, where=label, hint=hint)
 
 
 class _Reference:
@@ -147,10 +160,9 @@ class _Reference:
 def tied_heads(fm: FreezeMap) -> dict[str, str]:
     """Head keys a tied map does not store -> the embedding key they are (a trained checkpoint may hold
     them once the trainer unties the head; they are then the frozen embedding matrix, or changed)."""
-    family = next((f for f in FAMILIES if f.name == fm.architecture), None)
-    if not fm.tied_embeddings or family is None:
+    if not fm.tied_embeddings:
         return {}
-    roles = family.for_checkpoint(fm.tensors).roles
+    roles = manifest_family(fm, fm.checkpoint).roles
     embeddings = next((e for e in roles.embeddings if e in fm.tensors), None)
     return {h: embeddings for h in roles.head if embeddings and h not in fm.tensors}
 
@@ -169,6 +181,9 @@ def _reference(fm: FreezeMap) -> _Reference:
         info = ckpt.info(name) if name in ckpt.weight_map else None
         if info is None or info.dtype != entry.dtype or info.shape != entry.shape:
             raise InputError(f"{ckpt.root}: tensor {name} differs from the freeze map's record of it")
+    unknown = next((n for n in ckpt.weight_map if n not in fm.tensors), None)
+    if unknown is not None:  # a tensor the map leaves out would never be audited
+        raise InputError(f"{ckpt.root}: tensor {unknown} is not in the freeze map")
     return _Reference(fm, ckpt)
 
 
@@ -287,10 +302,7 @@ class _Audit:
 
 
 def _layer(fm: FreezeMap, name: str) -> int | None:
-    if not name.startswith(fm.layer_prefix):
-        return None
-    head = name[len(fm.layer_prefix) :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+    return layer_index(name, fm.layer_prefix)
 
 
 def _raw_chunks(t: TrainedTensor) -> Iterator[memoryview]:
@@ -313,7 +325,8 @@ class _Conversion:
         src = getattr(torch, TORCH_DTYPES[self.t.info.dtype])
         dst = getattr(torch, TORCH_DTYPES[self.dtype])
         width = torch.empty((), dtype=src).element_size()
-        step = max(width, CHUNK - CHUNK % width)  # whole elements per chunk
+        size = ranges.CHUNK  # read at call time, so a test can lower it to cross chunk boundaries
+        step = max(width, size - size % width)  # whole elements per chunk
         for view in read_chunks(self.t.path, self.t.offset, self.t.info.nbytes, step):
             chunk = torch.frombuffer(view, dtype=src)  # shares the read buffer: no copy
             converted = chunk.to(dst)
@@ -321,108 +334,3 @@ class _Conversion:
                 self.exact = False
                 return
             yield converted.view(torch.uint8).numpy().data
-
-
-# --- the trained checkpoint: bare safetensors files -----------------------------------------------------
-
-# Wrappers trainers put in front of parameter names when saving a state dict.
-WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
-
-
-@dataclass(frozen=True)
-class TrainedTensor:
-    key: str  # the name as stored in the trained checkpoint
-    path: Path
-    offset: int  # absolute file offset of its data
-    info: TensorInfo
-
-
-def open_trained(
-    path: Path, fm: FreezeMap, *, heads: Mapping[str, str] | None = None
-) -> tuple[int, dict[str, TrainedTensor], list[str], list[str]]:
-    """(file count, {checkpoint key: tensor}, prefixes stripped, names the map does not know); `heads`
-    (a tied map's unstored head keys) are known names too."""
-    files = trained_files(path)
-    by_param = _single_key_parameters(fm.tensors)
-    known: Mapping[str, object] = {**fm.tensors, **(heads or {})}
-    found: dict[str, TrainedTensor] = {}
-    stripped: set[str] = set()
-    extra: list[str] = []
-    for file in files:
-        header = read_header(file)
-        for raw, info in header.tensors.items():
-            name, prefix = _canonical(raw, known, by_param)
-            if name is None:
-                extra.append(raw)
-                continue
-            if name in found:
-                raise InputError(f"{path}: tensors {found[name].key} and {raw} both stand for {name}")
-            if prefix:
-                stripped.add(prefix)
-            found[name] = TrainedTensor(raw, file, header.absolute_range(raw)[0], info)
-    return len(files), found, sorted(stripped), extra
-
-
-def _single_key_parameters(tensors: Mapping[str, TensorEntry]) -> dict[str, str]:
-    """In-memory name -> checkpoint key, for parameters loaded from exactly one key."""
-    keys: dict[str, list[str]] = {}
-    for key, entry in tensors.items():
-        if entry.parameter is not None:
-            keys.setdefault(entry.parameter, []).append(key)
-    return {param: ks[0] for param, ks in keys.items() if len(ks) == 1}
-
-
-def _canonical(
-    raw: str, tensors: Mapping[str, object], by_param: Mapping[str, str]
-) -> tuple[str | None, str]:
-    name, prefix = raw, ""
-    while True:
-        if name in tensors:
-            return name, prefix
-        if name in by_param:  # saved under its in-memory name (a raw state_dict)
-            return by_param[name], prefix
-        strip = next((p for p in WRAPPER_PREFIXES if name.startswith(p)), None)
-        if strip is None:
-            return None, prefix
-        name, prefix = name[len(strip) :], prefix + strip
-
-
-def trained_files(path: Path) -> list[Path]:
-    """The safetensors files of a trained checkpoint: a file, an index, model.safetensors, or all."""
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise InputError(f"{path}: not a .safetensors file")
-        return [path]
-    if not path.is_dir():
-        raise InputError(f"{path}: no such file or folder")
-    index = path / INDEX_NAME
-    if index.is_file():
-        return _indexed_files(index)
-    if (path / SINGLE_NAME).is_file():
-        return [path / SINGLE_NAME]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{path}: no safetensors files", hint=_no_safetensors_hint(path))
-    return files
-
-
-def _indexed_files(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = list(dict.fromkeys(str(v) for v in weight_map.values()))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{index}: not a shard index with a weight_map ({type(e).__name__})") from None
-    out = []
-    for shard in shards:
-        if shard != Path(shard).name or not (index.parent / shard).is_file():
-            raise InputError(f"{index}: names shard {shard!r}, which is not a file in the folder")
-        out.append(index.parent / shard)
-    return out
-
-
-def _no_safetensors_hint(path: Path) -> str:
-    if any(path.glob("global_step*")):
-        return "a DeepSpeed checkpoint: run its zero_to_fp32.py (or save_16bit_model) first"
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        return "llamapro never unpickles files: save with save_pretrained(..., safe_serialization=True)"
-    return "point --trained at the folder (or file) the trainer saved the weights in"

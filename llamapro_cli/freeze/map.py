@@ -4,9 +4,9 @@
 new layers; without it, layers whose branch-final tensors are all zero by value are the new ones) and
 returns a `FreezeMap`: the trainable and frozen names as **checkpoint keys** (what `verify-frozen`
 audits) and as **in-memory parameter names** (what trainers match, `named_parameters()`), their counts,
-and the per-tensor dtype, shape and sha256 (when `expand --digests` recorded them). `apply_freeze_map()`
-sets `requires_grad` on a loaded model from a map. Trainer snippets live in `trainers.py`, the audit of a
-trained checkpoint in `frozen.py`.
+and the per-tensor dtype, shape and sha256 (when `expand --digests` recorded them). The `--format json`
+document (reading it back, applying it to a loaded model) lives in `manifest.py`, the trainer snippets in
+`trainers.py`, the audit of a trained checkpoint in `audit.py`.
 
 Invariant: the two kinds of names are derived through the architecture record (`Family.layer_prefix`,
 `memory_prefix`, `roles`) and never mixed: `trainable`/`frozen` are checkpoint keys,
@@ -17,17 +17,16 @@ Must not: print, import torch at module level, read tensor data except the zero 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from llamapro_cli.architectures.registry import Family
+from llamapro_cli.architectures.record import Family
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
+from llamapro_cli.freeze.claims import check_new_layers, zero_by_digest, zero_by_value
 from llamapro_cli.lineage import layer_mapping, zeroed_layers
 
 MANIFEST_SCHEMA = 1
@@ -94,6 +93,15 @@ class FreezeMap:
         return counts
 
 
+@dataclass(frozen=True)
+class NewLayers:
+    """Which layers training updates, the layer each was copied from (None when unknown), and how."""
+
+    indices: tuple[int, ...]
+    sources: tuple[int, ...] | None
+    found_by: str
+
+
 def freeze_map(
     checkpoint: str | Path | Checkpoint, *, also: Iterable[str | Role] = (), revision: str | None = None
 ) -> FreezeMap:
@@ -102,14 +110,20 @@ def freeze_map(
         checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint, revision=revision)
     )
     roles = parse_roles(also)
-    new_layers, sources, found_by = _new_layers(ckpt)
+    digests = _digests(ckpt)
+    return build_map(ckpt, _new_layers(ckpt, digests), roles, digests)
+
+
+def build_map(
+    ckpt: Checkpoint, layers: NewLayers, roles: Sequence[Role], digests: Mapping[str, str] | None
+) -> FreezeMap:
+    """The map of `ckpt` with `layers` trainable (plus `roles`); `digests` describe its tensors."""
     family = ckpt.family
     tied = is_tied(ckpt)
     notes: list[str] = []
     role_names = _resolve_roles(ckpt, roles, tied, notes)
-    block = family.block_regex()
-    trainable_keys = {n for n in ckpt.weight_map if _layer_of(block, n) in new_layers} | role_names
-    digests = _digests(ckpt)
+    new_layers = layers.indices
+    trainable_keys = {n for n in ckpt.weight_map if family.layer_of(n) in new_layers} | role_names
     tensors = {
         name: TensorEntry(
             dtype=ckpt.info(name).dtype,
@@ -121,26 +135,24 @@ def freeze_map(
     }
     if tied and not {Role.EMBEDDINGS, Role.HEAD} & set(roles):
         notes.append(_tied_note(ckpt))
-    if found_by == FOUND_BY_ZEROS:
+    if layers.found_by == FOUND_BY_ZEROS:
         notes.append(
             "no llamapro.json: the new layers were found because their branch-final tensors are all zero; "
             "after training starts they no longer are, so keep this map (--format json) before training"
         )
     notes.extend(_parent_note(ckpt, new_layers))
-    return _build(ckpt, tensors, trainable_keys, new_layers, sources, found_by, roles, tied, notes, digests)
+    return _build(ckpt, tensors, trainable_keys, layers, tuple(roles), tied, notes, digests)
 
 
 def _build(
     ckpt: Checkpoint,
     tensors: dict[str, TensorEntry],
     trainable_keys: set[str],
-    new_layers: tuple[int, ...],
-    sources: tuple[int, ...] | None,
-    found_by: str,
+    layers: NewLayers,
     roles: tuple[Role, ...],
     tied: bool,
     notes: list[str],
-    digests: dict[str, str] | None,
+    digests: Mapping[str, str] | None,
 ) -> FreezeMap:
     family = ckpt.family
     trainable = tuple(n for n in tensors if n in trainable_keys)
@@ -151,9 +163,9 @@ def _build(
         checkpoint=ckpt.repo_id or str(ckpt.root),
         architecture=family.name,
         num_layers=ckpt.num_layers,
-        new_layers=new_layers,
-        sources=sources,
-        found_by=found_by,
+        new_layers=layers.indices,
+        sources=layers.sources,
+        found_by=layers.found_by,
         layer_prefix=family.layer_prefix,
         memory_prefix=memory_name(family, family.layer_prefix),
         also=tuple(r.value for r in roles),
@@ -178,25 +190,29 @@ def _parameters(tensors: Mapping[str, TensorEntry], keys: Sequence[str]) -> tupl
     return tuple(dict.fromkeys(n for n in names if n is not None))
 
 
-def _layer_of(block: Any, name: str) -> int | None:
-    m = block.match(name)
-    return int(m.group(1)) if m else None
-
-
-def _new_layers(ckpt: Checkpoint) -> tuple[tuple[int, ...], tuple[int, ...] | None, str]:
+def _new_layers(ckpt: Checkpoint, digests: Mapping[str, str] | None) -> NewLayers:
     if ckpt.provenance is not None:
         plan = layer_mapping(ckpt).plan
         copies = [layer for layer in plan.layers if layer.identity]
-        return tuple(c.index for c in copies), tuple(c.source for c in copies), FOUND_BY_RECORD
+        indices = tuple(c.index for c in copies)
+        # The record only says which layers are new: check it against the weights before trusting it.
+        # With digests, against them (the folder may have been trained in place since).
+        is_zero = zero_by_digest(digests, lambda n: ckpt.info(n).nbytes) if digests else zero_by_value(ckpt)
+        where = str(ckpt.root / "llamapro.json")
+        check_new_layers(
+            ckpt.family, ckpt.family.layer_prefix, ckpt.weight_map, indices, is_zero, where=where
+        )
+        return NewLayers(indices, tuple(c.source for c in copies), FOUND_BY_RECORD)
     # Without llamapro.json and without the base checkpoint only the zero test can say which are new.
     found = tuple(zeroed_layers(ckpt))
     if not found:
         raise InputError(
             f"{ckpt.root}: no new layers found (no llamapro.json, and no layer whose branch-final "
             "tensors are all zero)",
-            hint="freeze-map reads an expanded checkpoint: llamapro expand --every N --in BASE --out DIR",
+            hint="freeze-map reads an expanded checkpoint (llamapro expand --every N --in BASE --out DIR); "
+            "for a trainer's saved checkpoint add --map EXPANDED (the expanded folder or its manifest)",
         )
-    return found, None, FOUND_BY_ZEROS
+    return NewLayers(found, None, FOUND_BY_ZEROS)
 
 
 def parse_roles(also: Iterable[str | Role] | str) -> tuple[Role, ...]:
@@ -216,21 +232,26 @@ def parse_roles(also: Iterable[str | Role] | str) -> tuple[Role, ...]:
     return tuple(r for r in Role if r in roles)
 
 
-def _role_keys(family: Family, role: Role) -> tuple[str, ...]:
+def role_keys(family: Family, role: Role, *, tied: bool) -> tuple[str, ...]:
+    """The checkpoint keys `--also role` may make trainable (those present are). A tied head *is* the
+    embedding matrix: training "the head" trains the embeddings."""
+    source = Role.EMBEDDINGS if role is Role.HEAD and tied else role
     roles = family.roles
-    return {Role.EMBEDDINGS: roles.embeddings, Role.HEAD: roles.head, Role.FINAL_NORM: roles.final_norm}[role]
+    return {Role.EMBEDDINGS: roles.embeddings, Role.HEAD: roles.head, Role.FINAL_NORM: roles.final_norm}[
+        source
+    ]
 
 
 def _resolve_roles(ckpt: Checkpoint, roles: Sequence[Role], tied: bool, notes: list[str]) -> set[str]:
     names: set[str] = set()
     for role in roles:
-        # A tied head *is* the embedding matrix: training "the head" trains the embeddings.
-        source = Role.EMBEDDINGS if role is Role.HEAD and tied else role
-        found = [n for n in _role_keys(ckpt.family, source) if n in ckpt.weight_map]
+        keys = role_keys(ckpt.family, role, tied=tied)
+        found = [n for n in keys if n in ckpt.weight_map]
         if not found:
-            looked = ", ".join(_role_keys(ckpt.family, source))
-            raise UsageError(f"--also {role.value}: this checkpoint has no such tensor (looked for {looked})")
-        if source is not role:
+            raise UsageError(
+                f"--also {role.value}: this checkpoint has no such tensor (looked for {', '.join(keys)})"
+            )
+        if role is Role.HEAD and tied:
             notes.append(
                 f"tied embeddings: the head is the embedding matrix ({', '.join(found)}); "
                 "--also head makes the embeddings trainable"
@@ -253,6 +274,7 @@ def is_tied(ckpt: Checkpoint) -> bool:
 
 
 def _digests(ckpt: Checkpoint) -> dict[str, str] | None:
+    """The record's digest table, checked to name exactly the checkpoint's tensors (None: no digests)."""
     record = ckpt.provenance.digests if ckpt.provenance else None
     if record is None:
         return None
@@ -325,109 +347,3 @@ def _roots(disk: str, memory: str) -> tuple[str, str]:
     while d and m and d[-1] == m[-1]:
         d, m = d[:-1], m[:-1]
     return "".join(s + "." for s in d), "".join(s + "." for s in m)
-
-
-# --- the manifest ---------------------------------------------------------------------------------------
-
-
-def load_manifest(source: str | Path | Mapping[str, Any]) -> FreezeMap:
-    """A `FreezeMap` from its JSON (a path or the parsed document), as `--format json` wrote it."""
-    where = str(source) if not isinstance(source, Mapping) else "manifest"
-    data: Any = source
-    if not isinstance(source, Mapping):
-        try:
-            data = json.loads(Path(source).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{where}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{where}: not a readable JSON file ({e})") from None
-    if not isinstance(data, Mapping) or data.get("kind") != MANIFEST_KIND:
-        raise InputError(
-            f"{where}: not a llamapro freeze-map manifest",
-            hint="write one with: llamapro freeze-map EXPANDED --format json > map.json",
-        )
-    if data.get("schema_version") != MANIFEST_SCHEMA:
-        raise InputError(f"{where}: manifest schema_version {data.get('schema_version')!r} is not supported")
-    try:
-        return _from_json(data)
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
-
-
-def _from_json(data: Mapping[str, Any]) -> FreezeMap:
-    tensors = {
-        str(name): TensorEntry(
-            dtype=str(t["dtype"]),
-            shape=tuple(int(d) for d in t["shape"]),
-            parameter=None if t["parameter"] is None else str(t["parameter"]),
-            sha256=None if t["sha256"] is None else str(t["sha256"]),
-        )
-        for name, t in data["tensors"].items()
-    }
-    strings = ("trainable", "frozen", "trainable_parameters", "frozen_parameters", "also", "notes")
-    lists = {key: tuple(str(x) for x in data[key]) for key in strings}
-    sources = data["sources"]
-    return FreezeMap(
-        schema_version=int(data["schema_version"]),
-        kind=str(data["kind"]),
-        checkpoint=str(data["checkpoint"]),
-        architecture=str(data["architecture"]),
-        num_layers=int(data["num_layers"]),
-        new_layers=tuple(int(i) for i in data["new_layers"]),
-        sources=None if sources is None else tuple(int(i) for i in sources),
-        found_by=str(data["found_by"]),
-        layer_prefix=str(data["layer_prefix"]),
-        memory_prefix=str(data["memory_prefix"]),
-        tied_embeddings=bool(data["tied_embeddings"]),
-        trainable_tensors=int(data["trainable_tensors"]),
-        frozen_tensors=int(data["frozen_tensors"]),
-        trainable_numel=int(data["trainable_numel"]),
-        frozen_numel=int(data["frozen_numel"]),
-        digest_algorithm=data["digest_algorithm"],
-        tensors=tensors,
-        **lists,
-    )
-
-
-# --- applying a map to a loaded model -------------------------------------------------------------------
-
-
-class ManifestMismatch(InputError):
-    """The model does not have a parameter the freeze map names: it is not the model the map describes."""
-
-
-@dataclass(frozen=True)
-class FreezeCounts:
-    """What `apply_freeze_map` did."""
-
-    trainable_tensors: int
-    trainable_parameters: int
-    frozen_tensors: int
-    frozen_parameters: int
-
-
-def apply_freeze_map(model: Any, manifest: FreezeMap | str | Path | Mapping[str, Any]) -> FreezeCounts:
-    """Set `requires_grad` on `model` (a torch module): the map's trainable parameters on, all others off.
-
-    Raises `ManifestMismatch` (before touching anything) when a name in the map is not a parameter of
-    `model`. Freeze before wrapping the model (PEFT, DeepSpeed, FSDP, accelerate), which renames or
-    shards parameters.
-    """
-    fm = manifest if isinstance(manifest, FreezeMap) else load_manifest(manifest)
-    params = dict(model.named_parameters())
-    missing = [n for n in (*fm.trainable_parameters, *fm.frozen_parameters) if n not in params]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ManifestMismatch(
-            f"the model has no parameter {shown} ({len(missing)} of the map's names are missing)",
-            hint="apply the map to the unwrapped model it was made for, before PEFT/DeepSpeed/FSDP wrapping",
-        )
-    trainable = set(fm.trainable_parameters)
-    counts = [0, 0, 0, 0]
-    for name, param in params.items():
-        on = name in trainable
-        param.requires_grad_(on)
-        slot = 0 if on else 2
-        counts[slot] += 1
-        counts[slot + 1] += int(param.numel())
-    return FreezeCounts(*counts)

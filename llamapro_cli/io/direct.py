@@ -10,7 +10,7 @@ on a cold disk this runs at the speed of a direct-I/O `dd` (docs/performance.md 
 
 Alignment: a source range is read with `O_DIRECT` straight into its place in the buffer when its
 source offset and its output offset agree modulo 4096 (the caller pads the output header so that they
-do for most bytes, see `safetensors_io.header_bytes(align=None)`); the few bytes of the aligned block
+do for most bytes, see `header.header_bytes(align=None)`); the few bytes of the aligned block
 before it that the read overwrites are saved and restored. Any other range, a source whose filesystem
 refuses `O_DIRECT`, or a read or write that fails with EINVAL goes through ordinary buffered I/O on the
 same buffer. Zero runs covering at least 1 MiB of whole 4 KiB blocks are left as holes (never written);
@@ -24,7 +24,6 @@ progress callback, so signals and Ctrl-C interrupt between chunks. Must not: imp
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import fcntl
 import functools
@@ -34,32 +33,26 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llamapro_cli.errors import InputError, OutputError
+from llamapro_cli.io.files import os_message
+from llamapro_cli.io.header import ALIGN, OutTensor
+from llamapro_cli.io.runs import (
+    ZEROS,
+    DigestKey,
+    Run,
+    align_down,
+    align_up,
+    digest_key,
+    plan_runs,
+    zeros_sha256,
+)
+from llamapro_cli.io.sources import SourceFiles
 
-if TYPE_CHECKING:
-    from llamapro_cli.io.header import OutTensor
-
-ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks, and page alignment of the buffers
 HOLE_MIN = 1 << 20  # zero runs with less than this in whole blocks are written as zeros, not holes
-_ZEROS = memoryview(bytes(HOLE_MIN + 2 * ALIGN))  # calloc'd: reading it maps the zero page, no RSS
-
-
-def align_up(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def align_down(n: int) -> int:
-    return n // ALIGN * ALIGN
-
-
-def _strerror(e: OSError) -> str:
-    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def enable_direct(fd: int) -> bool:
@@ -77,48 +70,6 @@ def disable_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
 
 
-@lru_cache(maxsize=64)
-def zeros_sha256(nbytes: int) -> str:
-    """sha256 of `nbytes` zero bytes (zeroed copies repeat a few sizes: hash each size once)."""
-    digest = hashlib.sha256()
-    for start in range(0, nbytes, len(_ZEROS)):
-        digest.update(_ZEROS[: min(len(_ZEROS), nbytes - start)])
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class _Run:
-    """Consecutive output bytes from one contiguous source range (or zeros when `source` is None)."""
-
-    start: int  # absolute output offset
-    nbytes: int
-    source: Path | None
-    offset: int  # absolute source offset
-    names: tuple[tuple[int, str], ...]  # (output offset, tensor name) of the tensors it covers
-
-
-def plan_runs(tensors: Sequence[OutTensor], data_start: int) -> list[_Run]:
-    """Coalesce tensors that are adjacent in both source and output into single runs."""
-    runs: list[_Run] = []
-    position = data_start
-    for t in tensors:
-        n = t.nbytes
-        if n == 0:
-            continue
-        last = runs[-1] if runs else None
-        if (
-            last is not None
-            and last.source == t.source
-            and (t.source is None or last.offset + last.nbytes == t.offset)
-        ):
-            names = (*last.names, (position, t.name))
-            runs[-1] = _Run(last.start, last.nbytes + n, last.source, last.offset, names)
-        else:
-            runs.append(_Run(position, n, t.source, t.offset, ((position, t.name),)))
-        position += n
-    return runs
-
-
 @dataclass
 class _Job:
     buffer: memoryview
@@ -129,24 +80,16 @@ class _Job:
 
 
 class _Source:
-    """One input file: a buffered fd, and an O_DIRECT fd while the filesystem accepts it."""
+    """One input file, through the run's `SourceFiles` (which owns the descriptors): a buffered fd, and
+    an O_DIRECT fd of the same file while the filesystem accepts it."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.size = os.fstat(self.fd).st_size
-        except OSError as e:
-            raise InputError(f"cannot read {path}: {_strerror(e)}") from e
+    def __init__(self, files: SourceFiles, path: Path) -> None:
+        self.files, self.path = files, path
+        self.fd, self.size, self.direct_fd = files.fd(path), files.size(path), files.direct_fd(path)
+
+    def refuse_direct(self) -> None:
+        self.files.refuse_direct(self.path)
         self.direct_fd = -1
-        with contextlib.suppress(OSError, AttributeError):  # no O_DIRECT here: buffered reads
-            self.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-
-    def close(self) -> None:
-        for fd in (self.fd, self.direct_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self.direct_fd = -1
 
 
 class DirectWriter:
@@ -162,8 +105,12 @@ class DirectWriter:
         digests: bool,
         progress: Callable[[int], None] | None,
         delay: float = 0.0,
+        known: Mapping[DigestKey, str] | None = None,
+        files: SourceFiles | None = None,
     ) -> None:
         self.fd, self.path, self.digests, self.progress, self.delay = fd, path, digests, progress, delay
+        self.files, self.own_files = files or SourceFiles(), files is None
+        self.known = known or {}  # digests of bytes hashed before (an earlier shard): not hashed again
         self.chunk = max(ALIGN, align_up(chunk))
         self.maps = [mmap.mmap(-1, self.chunk + ALIGN) for _ in range(max(2, buffers))]
         self.free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
@@ -176,13 +123,17 @@ class DirectWriter:
         self.sources: dict[Path, _Source] = {}
         self.hashes: list[hashlib._Hash | None] = []
         self.buf, self.base, self.fill = memoryview(b""), 0, 0
-        self.spans: list[tuple[int, int, int]] = []  # (start, end, tensor index) of copied tensors
+        self.spans: list[tuple[int, int, int]] = []  # (start, end, tensor index) of tensors to hash
         self.next_span = 0
 
     # --- the calling thread ------------------------------------------------------------------------------
 
-    def write(self, head: bytes, tensors: Sequence[OutTensor]) -> dict[str, str]:
-        """Write `head` then `tensors` from offset 0; {name: sha256} when digesting."""
+    def write(self, head: bytes, tensors: Sequence[OutTensor], *, start: int = 0) -> dict[str, str]:
+        """Write `head` then `tensors` from offset `start` (a block boundary; the clone engine writes a
+        stretch of its file this way); {name: sha256} when digesting."""
+        if start % ALIGN:
+            raise ValueError(f"start {start} is not a multiple of {ALIGN}")
+        self.base = start
         try:
             runs = self._prepare(head, tensors)
             self._start_threads()
@@ -200,20 +151,25 @@ class DirectWriter:
             self._close()
         return self._digests(tensors)
 
-    def _prepare(self, head: bytes, tensors: Sequence[OutTensor]) -> list[_Run]:
-        position = len(head)
+    def _prepare(self, head: bytes, tensors: Sequence[OutTensor]) -> list[Run]:
+        """Check the source ranges; choose the tensors to hash: each distinct source range once."""
+        position, first = self.base + len(head), set[DigestKey]()
+        self.hashes = [None] * len(tensors)
         for index, t in enumerate(tensors):
-            if t.source is not None:
+            key = digest_key(t)
+            if key is not None:
                 self._check_range(t)
-                self.spans.append((position, position + t.nbytes, index))
+                if self.digests and key not in self.known and key not in first:
+                    first.add(key)
+                    self.hashes[index] = hashlib.sha256()
+                    self.spans.append((position, position + t.nbytes, index))
             position += t.nbytes
-        self.hashes = [hashlib.sha256() if self.digests else None for _ in tensors]
-        return plan_runs(tensors, len(head))
+        return plan_runs(tensors, self.base + len(head))
 
     def _check_range(self, t: OutTensor) -> None:
         assert t.source is not None
         if t.source not in self.sources:
-            self.sources[t.source] = _Source(t.source)
+            self.sources[t.source] = _Source(self.files, t.source)
         size = self.sources[t.source].size
         if t.offset < 0 or t.offset + t.nbytes > size:
             raise InputError(
@@ -268,14 +224,14 @@ class DirectWriter:
 
     def _zero_fill(self, nbytes: int) -> None:
         while nbytes:
-            n = min(nbytes, self.chunk - self.fill, len(_ZEROS))
-            self.buf[self.fill : self.fill + n] = _ZEROS[:n]
+            n = min(nbytes, self.chunk - self.fill, len(ZEROS))
+            self.buf[self.fill : self.fill + n] = ZEROS[:n]
             self.fill += n
             nbytes -= n
             self._chunk_done(n)
             self._roll()
 
-    def _copy(self, run: _Run) -> None:
+    def _copy(self, run: Run) -> None:
         assert run.source is not None
         source = self.sources[run.source]
         done = 0
@@ -291,7 +247,7 @@ class DirectWriter:
             self._chunk_done(got)
             self._roll()
 
-    def _name_at(self, run: _Run, done: int) -> str:
+    def _name_at(self, run: Run, done: int) -> str:
         index = bisect.bisect_right([start for start, _ in run.names], run.start + done) - 1
         return run.names[max(index, 0)][1]
 
@@ -305,16 +261,15 @@ class DirectWriter:
                 got = os.preadv(source.direct_fd, [self.buf[lo : lo + align_up(head + n)]], offset - head)
             except OSError as e:
                 if e.errno != errno.EINVAL:
-                    raise InputError(f"cannot read {source.path}: {_strerror(e)}") from e
-                os.close(source.direct_fd)  # this file or range refuses O_DIRECT: buffered from now on
-                source.direct_fd = -1
+                    raise InputError(f"cannot read {source.path}: {os_message(e)}") from e
+                source.refuse_direct()  # this file or range refuses O_DIRECT: buffered from now on
             else:
                 self.buf[lo : self.fill] = saved
                 return max(0, min(got - head, n))
         try:
             return os.preadv(source.fd, [self.buf[self.fill : self.fill + n]], offset)
         except OSError as e:
-            raise InputError(f"cannot read {source.path}: {_strerror(e)}") from e
+            raise InputError(f"cannot read {source.path}: {os_message(e)}") from e
 
     def _submit(self) -> None:
         """Queue the filled part of the current buffer (rounded up to whole blocks) for writing."""
@@ -342,11 +297,14 @@ class DirectWriter:
     def _digests(self, tensors: Sequence[OutTensor]) -> dict[str, str]:
         if not self.digests:
             return {}
-        return {
-            t.name: zeros_sha256(t.nbytes) if t.source is None else h.hexdigest()
-            for t, h in zip(tensors, self.hashes, strict=True)
-            if h is not None
+        computed = {
+            digest_key(t): h.hexdigest() for t, h in zip(tensors, self.hashes, strict=True) if h is not None
         }
+        out = {}
+        for t in tensors:
+            key = digest_key(t)
+            out[t.name] = zeros_sha256(t.nbytes) if key is None else computed.get(key) or self.known[key]
+        return out
 
     # --- the worker threads ------------------------------------------------------------------------------
 
@@ -378,6 +336,8 @@ class DirectWriter:
                 self.free.put(job.buffer)
 
     def _write_job(self, job: _Job) -> None:
+        if self.fd < 0:  # a read-only pass (`digests.hash_sources`): the bytes are only hashed
+            return
         view, offset = job.buffer[: job.length], job.base
         while view:
             try:
@@ -386,7 +346,7 @@ class DirectWriter:
                 if e.errno == errno.EINVAL and _is_direct(self.fd):
                     disable_direct(self.fd)  # alignment this filesystem refuses: buffered from now on
                     continue
-                raise OutputError(f"cannot write {self.path}: {_strerror(e)}") from e
+                raise OutputError(f"cannot write {self.path}: {os_message(e)}") from e
             view, offset = view[n:], offset + n
 
     def _hash_job(self, lane: int, lanes: int, job: _Job) -> None:
@@ -410,8 +370,9 @@ class DirectWriter:
 
     def _close(self) -> None:
         # The maps are unmapped when the last view of them goes (a traceback may still hold one).
-        for source in self.sources.values():
-            source.close()
+        if self.own_files:
+            self.files.close()
+        self.sources.clear()
         self.buf, self.maps = memoryview(b""), []
         self.free = queue.SimpleQueue()
 

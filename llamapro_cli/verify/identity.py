@@ -32,8 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamapro_cli.checkpoint import PROVENANCE_NAME, Checkpoint
+from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
+from llamapro_cli.io.files import PROVENANCE_NAME
 from llamapro_cli.lineage import LayerMapping, layer_mapping
 from llamapro_cli.plan import ExpansionPlan
 from llamapro_cli.verify.hf_engine import config_reader

@@ -16,7 +16,7 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING
 
-from llamapro_cli.architectures.registry import layer_kinds
+from llamapro_cli.architectures.layers import layer_kinds
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.verify.numerics import Inputs

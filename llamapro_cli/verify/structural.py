@@ -27,14 +27,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llamapro_cli.architectures.registry import (
-    GENERIC_FIELDS,
-    Family,
-    FieldKind,
-    LayerField,
-    effective_values,
-    renumber_extra,
-)
+from llamapro_cli.architectures.layers import effective_values
+from llamapro_cli.architectures.parts import GENERIC_FIELDS
+from llamapro_cli.architectures.record import Family, FieldKind, LayerField
+from llamapro_cli.architectures.registry import renumber_extra
 from llamapro_cli.architectures.rewrite import rewrite_config
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import LlamaproError
@@ -281,8 +277,8 @@ class _Walker:
         return renumber_extra(self.base.family, name, self.plan.num_layers_out, self.plan.num_layers_in)
 
     def _zeroed(self, name: str) -> bool:
-        match = self.expanded.family.block_regex().match(name)
-        return match is not None and self.expanded.family.is_zeroed(match.group(2))
+        parts = self.expanded.family.split_name(name)
+        return parts is not None and self.expanded.family.is_zeroed(parts[1])
 
     def _same_bytes(self, name: str, base_name: str) -> bool:
         pairs = zip(self.expanded.read_chunks(name), self.base.read_chunks(base_name), strict=True)
