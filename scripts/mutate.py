@@ -126,11 +126,7 @@ MUTATIONS = (
         "llamapro_cli/lineage.py",
         "source = source if source is not None and source <= seen else seen",
         "source = seen",
-        VERIFY,
-        expected="copies that repeat an earlier layer than the one before them are not made by any tool we "
-        "know (mergekit, LLaMA-Factory and `expand` copy the layer just placed), and the structural check "
-        "still compares such a copy with the wrong source and reports DIFFERENT: a false fail, never a "
-        "false pass",
+        ("tests/test_verify.py::test_inferred_mapping_finds_copies_of_earlier_layers", *VERIFY),
     ),
     # --- the numerical verdict (verify/numerics.py, verify/report.py, verify/identity.py) ----------------
     M(
@@ -211,8 +207,6 @@ MUTATIONS = (
         "        sys.stdin = nothing\n",
         "",
         SAFETY,
-        expected="a second guard: with trust_remote_code=False transformers never asks, so no test can make "
-        "it read stdin; it stays for a transformers version that might",
     ),
     # --- the native engine (verify/model.py, verify/lockstep.py) -----------------------------------------
     M(

@@ -408,6 +408,17 @@ def test_other_tools_output_is_mapped_and_verified(demo: tuple[Path, Path], tmp_
     assert f"layer mapping {INFERRED} (new<-source: 4<-3, 9<-7)" in result.stderr
 
 
+def test_inferred_mapping_finds_copies_of_earlier_layers(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--copies 2` puts a copy of layer 2 after layer 3: matched by fingerprint, not taken for a copy of
+    the layer just before it."""
+    base = demo[0]
+    expand(base, tmp_path / "pro", every=4, copies=2)
+    other = without_provenance(tmp_path / "pro", tmp_path)
+    report = verify_identity(other, base=base, numerical=False)
+    assert (report.verdict, report.mapping, report.new_layers) == ("identical", INFERRED, (4, 5, 10, 11))
+    assert f"layer mapping {INFERRED} (new<-source: 4<-2, 5<-3, 10<-6, 11<-7)" in report.warnings[0]
+
+
 @pytest.mark.hf
 def test_other_tools_output_with_transformers(
     expanded_tiny: Callable[..., tuple[Path, Path]], tmp_path: Path

@@ -168,3 +168,16 @@ def test_model_only_checkpoint_code_could_build_is_refused(
         "llamapro never runs code from a checkpoint",
         "hint: use --engine native, which runs no code from the checkpoint (llama, mistral, qwen2, qwen3)",
     ]
+
+
+def test_transformers_sees_an_empty_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a transformers version might ask while it loads (today it asks nothing when told
+    trust_remote_code=False), the answer is end-of-file, never a line piped in for something else."""
+    import io
+
+    from llamapro_cli.verify.hf_engine import sealed
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    with sealed(), pytest.raises(EOFError):
+        input("run the custom code? [y/N] ")
+    assert sys.stdin.read() == "y\n"  # restored, untouched

@@ -185,6 +185,16 @@ def test_greedy_only_divergence_is_different() -> None:
     assert result.divergence == "greedy token 2 after the sequence differs" and result.position == 6 + 2
 
 
+def test_nan_on_one_side_only_is_different() -> None:
+    reference, got = _outputs(), _outputs()
+    got.full[0, 2, 5] = float("nan")
+    result = compare_outputs(reference, got, 1e9)  # no tolerance accepts it
+    assert not result.identical(1e9) and result.position == 2
+    assert result.full_max_abs is not None and result.full_max_abs > 1e300  # the largest float: valid JSON
+    reference.full[0, 2, 5] = float("nan")  # NaN where both have it: the same output
+    assert compare_outputs(reference, got, 0.0).identical(0.0)
+
+
 @pytest.mark.hf
 def test_cached_only_divergence_makes_the_verdict_different(
     pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch

@@ -28,8 +28,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llamapro_cli.checkpoint import MAX_JSON_SIZE, Checkpoint
+from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError
+from llamapro_cli.io.files import read_json
 from llamapro_cli.verify.numerics import Inputs, NumericalResult, Outputs, compare_outputs
 from llamapro_cli.verify.progress import Phase, PhaseProgress
 
@@ -110,17 +111,10 @@ def _implemented(model_type: Any) -> bool:
 
 
 def _json_object(path: Path) -> dict[str, Any]:
-    """A small JSON object file, read bounded; anything else is bad input."""
-    if not path.is_file():
-        raise InputError(f"{path}: not a regular file")
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_JSON_SIZE + 1)
-        doc = json.loads(data) if len(data) <= MAX_JSON_SIZE else None
-    except (OSError, ValueError, RecursionError) as e:
-        raise InputError(f"{path}: cannot read it as JSON ({_first_line(e)})") from None
+    """A small JSON object file, read bounded (`io.files`); anything else is bad input."""
+    doc, _ = read_json(path, "the tokenizer config")
     if not isinstance(doc, dict):
-        raise InputError(f"{path}: not a JSON object (or larger than {MAX_JSON_SIZE} bytes)")
+        raise InputError(f"{path}: not a JSON object")
     return doc
 
 
