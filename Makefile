@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo-out
 
-.PHONY: install demo test lint format suite fuzz bench docs clean
+.PHONY: install demo test lint format suite fuzz mutate bench docs clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ test: lint suite
 
 fuzz: install
 	LLAMAPRO_FUZZ_EXAMPLES=20000 $(BIN)/pytest -q tests/test_fuzz.py
+
+# Opt-in (not in `test`): plant each curated bug in the verifiers, expect the tests to catch it.
+mutate: install
+	$(BIN)/python scripts/mutate.py
 
 # make bench FS=xfs (or btrfs, ext4): on a loop-mounted image of that filesystem (root); BENCH_ARGS
 # passes more options, e.g. BENCH_ARGS="--sizes 1b --runs 1".

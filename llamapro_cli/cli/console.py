@@ -299,13 +299,22 @@ def _rich_bar(label: str) -> Iterator[Progress]:
         yield update
 
 
+def _interval() -> float:
+    """Seconds between plain progress lines: `LLAMAPRO_PROGRESS_INTERVAL` (a test hook), else 10."""
+    try:
+        return max(0.0, float(os.environ.get("LLAMAPRO_PROGRESS_INTERVAL") or PROGRESS_INTERVAL_S))
+    except ValueError:
+        return PROGRESS_INTERVAL_S
+
+
 def _periodic_lines(label: str) -> Progress:
     start = time.monotonic()
     last = [start]
+    interval = _interval()
 
     def update(done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= PROGRESS_INTERVAL_S or (done >= total and now - start >= PROGRESS_INTERVAL_S):
+        if now - last[0] >= interval or (done >= total and now - start >= interval):
             last[0] = now
             pct = 100.0 * done / total if total else 100.0
             note(f"{label}: {human_bytes(done)} of {human_bytes(total)} ({pct:.0f}%), {now - start:.0f} s")
