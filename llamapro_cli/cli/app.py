@@ -22,6 +22,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from llamapro_cli.cli import training_cmds
 from llamapro_cli.errors import Interrupted, LlamaproError
 from llamapro_cli.version import __version__
 
@@ -412,6 +413,9 @@ def verify_frozen(
             f"frozen tensors changed: {len(report.changed)}, missing: {len(report.missing)}: {shown}",
             hint="the trainer updated (or dropped) tensors outside the new layers: check its freeze settings",
         )
+
+
+app.command("merge-adapter", epilog=training_cmds.MERGE_EPILOG)(handle_errors(training_cmds.merge_adapter))
 
 
 def _check_push_options(repo_id: str | None, *, private: bool, branch: str | None, dry_run: bool) -> None:

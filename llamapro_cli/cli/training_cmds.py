@@ -1,0 +1,112 @@
+"""The training half of the CLI: `merge-adapter`, and the bodies of `freeze-map --check` and
+`verify-frozen --report/--plot` (the app's commands call these).
+
+Each function parses nothing the library should decide: it calls one library verb, prints its report
+(data on stdout, notes on stderr) and turns a failed check into exit 1.
+
+Must not: contain merge, rule or statistics logic; import torch (the library does, lazily).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+MERGE_EPILOG = (
+    "Examples:\n\n"
+    "  llamapro merge-adapter --model ./pro-8b --adapter ./run/adapter --out ./pro-8b-merged\n\n"
+    "  llamapro merge-adapter --model ./llama-22l --adapter ./rep-adapter --out ./llama-32l  "
+    "(layer_replication)\n\n"
+    "Byte-identical to PEFT's merge_and_unload() + save_pretrained for LoRA, rsLoRA and DoRA on linear\n"
+    "layers; anything else is refused (exit 3). Exit codes: 0 merged; 2 usage; 3 unreadable or\n"
+    "unsupported adapter or model; 4 output problem."
+)
+
+
+def merge_adapter(
+    model: Annotated[str, typer.Option("--model", help="The checkpoint the adapter was trained on.")],
+    adapter: Annotated[
+        Path, typer.Option("--adapter", help="The PEFT adapter folder (adapter_config.json + safetensors).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (must not exist unless --force).")],
+    max_shard_size: Annotated[
+        str, typer.Option(help="Largest output shard with layer_replication (otherwise the model's shards).")
+    ] = "5GB",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace --out if it is empty or a previous llamapro output.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no notes on stderr.")] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")
+    ] = False,
+) -> None:
+    """Merge a PEFT LoRA adapter into its checkpoint: a complete model folder, written streaming.
+
+    Untouched tensors are byte-copied; each adapted weight is computed alone, as PEFT computes it.
+    PEFT layer_replication adapters (trained on a model with fewer layers) are materialised: every
+    replica gets its own merged LoRA and the config its new layer count. llamapro.json, when the model
+    has one, gains an "adapter" record (path, sha256 of the adapter's weights).
+    """
+    from llamapro_cli.cli import output
+    from llamapro_cli.merge import merge_adapter as run_merge
+
+    command = "llamapro " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with output.progress("merge-adapter", quiet=quiet or json_) as progress:
+        report = run_merge(
+            model,
+            adapter,
+            out,
+            force=force,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            command=command,
+        )
+    if not quiet:
+        for warning in report.warnings:
+            output.warn(warning)
+    if json_:
+        output.print_json(report)
+        return
+    layers = f"{report.num_layers_in}"
+    if report.layer_map is not None:
+        layers += f" -> {report.num_layers_out} (layer_replication)"
+    kind = "DoRA" if report.use_dora else ("rsLoRA" if report.use_rslora else "LoRA")
+    rows = [
+        ("model", f"{report.model} ({report.architecture}, {layers} layers)"),
+        ("adapter", f"{report.adapter} ({kind}, sha256 {report.adapter_sha256[:12]}…)"),
+        ("merged", f"{len(report.merged)} weights{_where(report.merged)}"),
+        ("replaced", f"{len(report.replaced)} tensors saved whole{_where(report.replaced)}"),
+        ("copied", f"{report.copied} tensors byte for byte"),
+        ("out", f"{report.out} ({len(report.shards)} shard(s), {output.human_bytes(report.bytes_written)})"),
+        ("provenance", "llamapro.json + adapter record" if report.provenance else "shard metadata only"),
+    ]
+    output.stdout().print(output.key_value_table(rows))
+    if not quiet:
+        output.note(
+            f"next: llamapro verify-frozen --map {shlex.quote(report.model)} --trained "
+            f"{shlex.quote(report.out)}"
+        )
+
+
+def _where(names: tuple[str, ...]) -> str:
+    return f" (e.g. {names[0]})" if names else ""
+
+
+def show_learning(report: Any, *, json_: bool, plot: Path | None) -> None:
+    """Print `verify-frozen --report` (the audit, then what training did per new layer)."""
+    from llamapro_cli.cli import output
+    from llamapro_cli.freeze.learning import write_plot
+
+    if plot is not None:
+        write_plot(report.learning, plot)
+    if json_:
+        output.print_json(report)
+    else:
+        output.render_frozen(report.audit)
+        sys.stdout.write(report.learning.table())
+    if plot is not None:
+        output.note(f"wrote {plot}")
