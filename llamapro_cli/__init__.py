@@ -20,7 +20,7 @@ from llamapro_cli.version import __version__
 _API = {
     "verify_identity": "verify.identity",
     "freeze_map": "freeze.map",
-    "apply_freeze_map": "freeze.map",
+    "apply_freeze_map": "freeze.manifest",
     "verify_frozen": "freeze.audit",
 }
 __all__ = ["__version__", "describe_checkpoint", "expand", "plan_expansion", *_API]

@@ -1,5 +1,6 @@
 """freeze-map and verify-frozen against the real thing: tiny transformers models expanded by our `expand`,
-their real `named_parameters()`, each trainer's own matching rule (tests/trainer_rules.py) and PEFT itself.
+their real `named_parameters()`, each trainer's own matching rule (llamapro_cli/freeze/rules.py, ported from
+the trainers' source) and PEFT itself.
 
 Families come from tests/tiny_models.py: a new family there (MoE, multimodal prefixes) is tested here too.
 """
@@ -21,7 +22,6 @@ pytest.importorskip("transformers")
 
 import tiny_models as tm
 import torch
-import trainer_rules as rules
 import yaml
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
@@ -31,9 +31,12 @@ from llamapro_cli.cli.app import app
 from llamapro_cli.cli.output import to_jsonable
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.expand import expand
+from llamapro_cli.freeze import rules
 from llamapro_cli.freeze.audit import verify_frozen
-from llamapro_cli.freeze.map import ManifestMismatch, apply_freeze_map, freeze_map, load_manifest
-from llamapro_cli.freeze.trainers import Format, Snippet, has_fused_experts, render
+from llamapro_cli.freeze.manifest import ManifestMismatch, apply_freeze_map, load_manifest
+from llamapro_cli.freeze.map import freeze_map
+from llamapro_cli.freeze.snippet import Format, Snippet
+from llamapro_cli.freeze.trainers import has_fused_experts, render
 
 pytestmark = pytest.mark.hf
 
@@ -115,11 +118,11 @@ def case(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFacto
 
 
 def selected(fmt: Format, text: str, c: Case) -> set[str]:
-    """Apply the trainer's own rule (trainer_rules.py) to the snippet as a user would paste it."""
+    """Apply the trainer's own rule (freeze/rules.py) to the snippet as a user would paste it."""
     if fmt is Format.NAMES:
         return set(text.split())
     if fmt is Format.REGEX:
-        return rules.regex(text.strip(), c.names)
+        return rules.anchored_regex(text.strip(), c.names)
     if fmt is Format.AXOLOTL:
         return rules.axolotl(yaml.safe_load(text)["unfrozen_parameters"], c.names)
     if fmt is Format.LLAMA_FACTORY:

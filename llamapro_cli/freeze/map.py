@@ -4,9 +4,9 @@
 new layers; without it, layers whose branch-final tensors are all zero by value are the new ones) and
 returns a `FreezeMap`: the trainable and frozen names as **checkpoint keys** (what `verify-frozen`
 audits) and as **in-memory parameter names** (what trainers match, `named_parameters()`), their counts,
-and the per-tensor dtype, shape and sha256 (when `expand --digests` recorded them). `apply_freeze_map()`
-sets `requires_grad` on a loaded model from a map. Trainer snippets live in `trainers.py`, the audit of a
-trained checkpoint in `frozen.py`.
+and the per-tensor dtype, shape and sha256 (when `expand --digests` recorded them). The `--format json`
+document (reading it back, applying it to a loaded model) lives in `manifest.py`, the trainer snippets in
+`trainers.py`, the audit of a trained checkpoint in `audit.py`.
 
 Invariant: the two kinds of names are derived through the architecture record (`Family.layer_prefix`,
 `memory_prefix`, `roles`) and never mixed: `trainable`/`frozen` are checkpoint keys,
@@ -17,7 +17,6 @@ Must not: print, import torch at module level, read tensor data except the zero 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -325,109 +324,3 @@ def _roots(disk: str, memory: str) -> tuple[str, str]:
     while d and m and d[-1] == m[-1]:
         d, m = d[:-1], m[:-1]
     return "".join(s + "." for s in d), "".join(s + "." for s in m)
-
-
-# --- the manifest ---------------------------------------------------------------------------------------
-
-
-def load_manifest(source: str | Path | Mapping[str, Any]) -> FreezeMap:
-    """A `FreezeMap` from its JSON (a path or the parsed document), as `--format json` wrote it."""
-    where = str(source) if not isinstance(source, Mapping) else "manifest"
-    data: Any = source
-    if not isinstance(source, Mapping):
-        try:
-            data = json.loads(Path(source).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{where}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{where}: not a readable JSON file ({e})") from None
-    if not isinstance(data, Mapping) or data.get("kind") != MANIFEST_KIND:
-        raise InputError(
-            f"{where}: not a llamapro freeze-map manifest",
-            hint="write one with: llamapro freeze-map EXPANDED --format json > map.json",
-        )
-    if data.get("schema_version") != MANIFEST_SCHEMA:
-        raise InputError(f"{where}: manifest schema_version {data.get('schema_version')!r} is not supported")
-    try:
-        return _from_json(data)
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
-
-
-def _from_json(data: Mapping[str, Any]) -> FreezeMap:
-    tensors = {
-        str(name): TensorEntry(
-            dtype=str(t["dtype"]),
-            shape=tuple(int(d) for d in t["shape"]),
-            parameter=None if t["parameter"] is None else str(t["parameter"]),
-            sha256=None if t["sha256"] is None else str(t["sha256"]),
-        )
-        for name, t in data["tensors"].items()
-    }
-    strings = ("trainable", "frozen", "trainable_parameters", "frozen_parameters", "also", "notes")
-    lists = {key: tuple(str(x) for x in data[key]) for key in strings}
-    sources = data["sources"]
-    return FreezeMap(
-        schema_version=int(data["schema_version"]),
-        kind=str(data["kind"]),
-        checkpoint=str(data["checkpoint"]),
-        architecture=str(data["architecture"]),
-        num_layers=int(data["num_layers"]),
-        new_layers=tuple(int(i) for i in data["new_layers"]),
-        sources=None if sources is None else tuple(int(i) for i in sources),
-        found_by=str(data["found_by"]),
-        layer_prefix=str(data["layer_prefix"]),
-        memory_prefix=str(data["memory_prefix"]),
-        tied_embeddings=bool(data["tied_embeddings"]),
-        trainable_tensors=int(data["trainable_tensors"]),
-        frozen_tensors=int(data["frozen_tensors"]),
-        trainable_numel=int(data["trainable_numel"]),
-        frozen_numel=int(data["frozen_numel"]),
-        digest_algorithm=data["digest_algorithm"],
-        tensors=tensors,
-        **lists,
-    )
-
-
-# --- applying a map to a loaded model -------------------------------------------------------------------
-
-
-class ManifestMismatch(InputError):
-    """The model does not have a parameter the freeze map names: it is not the model the map describes."""
-
-
-@dataclass(frozen=True)
-class FreezeCounts:
-    """What `apply_freeze_map` did."""
-
-    trainable_tensors: int
-    trainable_parameters: int
-    frozen_tensors: int
-    frozen_parameters: int
-
-
-def apply_freeze_map(model: Any, manifest: FreezeMap | str | Path | Mapping[str, Any]) -> FreezeCounts:
-    """Set `requires_grad` on `model` (a torch module): the map's trainable parameters on, all others off.
-
-    Raises `ManifestMismatch` (before touching anything) when a name in the map is not a parameter of
-    `model`. Freeze before wrapping the model (PEFT, DeepSpeed, FSDP, accelerate), which renames or
-    shards parameters.
-    """
-    fm = manifest if isinstance(manifest, FreezeMap) else load_manifest(manifest)
-    params = dict(model.named_parameters())
-    missing = [n for n in (*fm.trainable_parameters, *fm.frozen_parameters) if n not in params]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ManifestMismatch(
-            f"the model has no parameter {shown} ({len(missing)} of the map's names are missing)",
-            hint="apply the map to the unwrapped model it was made for, before PEFT/DeepSpeed/FSDP wrapping",
-        )
-    trainable = set(fm.trainable_parameters)
-    counts = [0, 0, 0, 0]
-    for name, param in params.items():
-        on = name in trainable
-        param.requires_grad_(on)
-        slot = 0 if on else 2
-        counts[slot] += 1
-        counts[slot + 1] += int(param.numel())
-    return FreezeCounts(*counts)

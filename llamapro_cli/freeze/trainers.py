@@ -1,11 +1,11 @@
 """Trainer snippets from a freeze map: one renderer per format, each checked by its trainer's own rule.
 
 Every renderer writes a paste-ready snippet (YAML, Python, shell, a regex or a name list) and then
-*applies that trainer's matching rule* (ported from its source, `docs/trainers/*.md`) to the map's
-in-memory parameter names. The snippet is only returned when the rule selects exactly the map's trainable
-set; a format that cannot express the set raises `UsageError` (exit 2) with a hint naming one that can.
-The resolved counts go into a comment in the snippet; pitfalls go into comments or, for `names` and
-`regex` (whose stdout is data), into `notes` for stderr.
+*applies that trainer's matching rule* (`rules.py`, ported from its source) to the map's in-memory
+parameter names, through `snippet.checked()`: the snippet is only returned when the rule selects exactly
+the map's trainable set; a format that cannot express the set raises `UsageError` (exit 2) with a hint
+naming one that can. The resolved counts go into a comment in the snippet; pitfalls go into comments or,
+for `names` and `regex` (whose stdout is data), into `notes` for stderr.
 
 Invariant: the snippet text and the self-check use the same values (patterns, ids, prefixes). Must not:
 print, import torch or the trainers themselves.
@@ -16,49 +16,29 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from llamapro_cli.errors import UsageError
-from llamapro_cli.freeze.map import FreezeMap, Role
+from llamapro_cli.freeze import rules
+from llamapro_cli.freeze.map import FreezeMap
+from llamapro_cli.freeze.snippet import (
+    Format,
+    Snippet,
+    all_parameters,
+    checked,
+    counts,
+    few,
+    header,
+    layer_ids,
+    parse_format,
+    pitfalls,
+    refuse,
+    role_parameters,
+)
 
+__all__ = ["Format", "Snippet", "parse_format", "render"]
 LORA_RANK = 16  # written into the peft snippet; the adapter counts in its comment assume it
-
-
-class Format(StrEnum):
-    TEXT = "text"
-    NAMES = "names"
-    JSON = "json"
-    REGEX = "regex"
-    AXOLOTL = "axolotl"
-    LLAMA_FACTORY = "llama-factory"
-    PEFT = "peft"
-    SWIFT = "swift"
-    HF = "hf"
-
-
-def parse_format(text: str) -> Format:
-    try:
-        return Format(text.strip().lower())
-    except ValueError:
-        raise UsageError(
-            f"--format: unknown format {text!r}", hint="formats: " + ", ".join(f.value for f in Format)
-        ) from None
-
-
-@dataclass(frozen=True)
-class Snippet:
-    """A rendered snippet and what its trainer's rule selects on the map's parameter names."""
-
-    format: Format
-    text: str  # stdout: paste-ready
-    selected: tuple[str, ...]  # parameter names (peft: module names that get an adapter)
-    tensors: int  # trainable tensors under the trainer's rule
-    parameters: int  # trainable parameters under the trainer's rule
-    notes: tuple[str, ...]  # for stderr
 
 
 def render(fm: FreezeMap, fmt: Format | str) -> Snippet:
@@ -78,88 +58,9 @@ def render(fm: FreezeMap, fmt: Format | str) -> Snippet:
     return renderers[fmt](fm)
 
 
-# --- shared pieces --------------------------------------------------------------------------------------
-
-
-def all_parameters(fm: FreezeMap) -> tuple[str, ...]:
-    return (*fm.trainable_parameters, *fm.frozen_parameters)
-
-
-def _checked(fm: FreezeMap, fmt: Format, selected: Sequence[str], text: str, notes: Sequence[str]) -> Snippet:
-    """Refuse unless the trainer's rule selected exactly the map's trainable parameters."""
-    want, got = set(fm.trainable_parameters), set(selected)
-    if got != want:
-        _refuse(fmt, sorted(got - want), sorted(want - got))
-    numel = fm.parameter_numel()
-    return Snippet(fmt, text, tuple(selected), len(got), sum(numel[n] for n in got), tuple(notes))
-
-
-def _refuse(fmt: Format, extra: Sequence[str], missing: Sequence[str]) -> None:
-    detail = []
-    if extra:
-        detail.append(f"it would also train {_few(extra)}")
-    if missing:
-        detail.append(f"it would miss {_few(missing)}")
-    raise UsageError(
-        f"--format {fmt.value} cannot express this trainable set: {'; '.join(detail)}",
-        hint="use --format axolotl, swift or hf (exact layer lists), or names/json",
-    )
-
-
-def _few(names: Sequence[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def _ids(fm: FreezeMap) -> str:
-    return ", ".join(map(str, fm.new_layers))
-
-
-def _role_parameters(fm: FreezeMap) -> list[str]:
-    """Trainable parameters outside the new layers (the `--also` roles), in map order."""
-    prefixes = tuple(f"{fm.memory_prefix}{i}." for i in fm.new_layers)
-    return [n for n in fm.trainable_parameters if not n.startswith(prefixes)]
-
-
-def _header(fm: FreezeMap, snippet_counts: str) -> list[str]:
-    also = f" + {', '.join(fm.also)}" if fm.also else ""
-    return [
-        f"# llamapro freeze-map {fm.checkpoint}",
-        *comment(f"trains new layers {_ids(fm)} of {fm.num_layers}{also} ({fm.found_by})"),
-        *comment(snippet_counts),
-    ]
-
-
-def _counts(fm: FreezeMap, rule: str) -> str:
-    return (
-        f"checked with {rule}: {len(fm.trainable_parameters)} trainable tensors, "
-        f"{_trainable_numel(fm):,} trainable parameters"
-    )
-
-
-def _trainable_numel(fm: FreezeMap) -> int:
-    numel = fm.parameter_numel()
-    return sum(numel[n] for n in fm.trainable_parameters)
-
-
-def pitfalls(fm: FreezeMap, *, checkpointing: str) -> list[str]:
-    """The pitfalls that apply, as wrapped comment lines: reentrant checkpointing with frozen
-    embeddings (no gradient reaches the new layers), ZeRO-3 / FSDP with partially frozen models."""
-    texts = []
-    if Role.EMBEDDINGS.value not in fm.also:
-        texts.append(
-            f"Gradient checkpointing: {checkpointing}. With reentrant checkpointing and frozen "
-            "embeddings no gradient reaches the new layers and training silently does nothing."
-        )
-    texts.append(
-        "ZeRO-3 / FSDP: freeze before the model is wrapped (deepspeed.initialize, accelerator.prepare). "
-        "FSDP1 with use_orig_params=false needs each unit all-frozen or all-trainable: wrap per decoder "
-        "layer. ZeRO-3 + non-reentrant checkpointing + frozen parameters needs DeepSpeed with PR #8130."
-    )
-    return [line for text in texts for line in comment(text)]
-
-
-def comment(text: str) -> list[str]:
-    return textwrap.wrap(text, width=100, initial_indent="# ", subsequent_indent="#   ")
+def _in_order(fm: FreezeMap, chosen: set[str]) -> list[str]:
+    """A rule's selection in the map's parameter order (so snippets and reports are deterministic)."""
+    return [n for n in all_parameters(fm) if n in chosen]
 
 
 # --- names and regex: stdout is data, everything else goes to stderr -------------------------------------
@@ -167,23 +68,22 @@ def comment(text: str) -> list[str]:
 
 def _names(fm: FreezeMap) -> Snippet:
     names = list(fm.trainable_parameters)
-    notes = [_counts(fm, "exact parameter names"), *fm.notes]
-    return _checked(fm, Format.NAMES, names, "\n".join(names) + "\n", notes)
+    notes = [counts(fm, "exact parameter names"), *fm.notes]
+    return checked(fm, Format.NAMES, names, "\n".join(names) + "\n", notes)
 
 
 def layer_regex(fm: FreezeMap) -> str:
     """One anchored Python regex over in-memory names; the same under re.match, search and fullmatch."""
     parts = [rf"{re.escape(fm.memory_prefix)}(?:{'|'.join(map(str, fm.new_layers))})\..+"]
-    parts += [re.escape(n) for n in _role_parameters(fm)]
+    parts += [re.escape(n) for n in role_parameters(fm)]
     return "^(?:" + "|".join(parts) + ")$"
 
 
 def _regex(fm: FreezeMap) -> Snippet:
     pattern = layer_regex(fm)
-    rx = re.compile(pattern)
-    selected = [n for n in all_parameters(fm) if rx.match(n)]
-    notes = [_counts(fm, "re.match"), *fm.notes]
-    return _checked(fm, Format.REGEX, selected, pattern + "\n", notes)
+    selected = _in_order(fm, rules.anchored_regex(pattern, all_parameters(fm)))
+    notes = [counts(fm, "re.match"), *fm.notes]
+    return checked(fm, Format.REGEX, selected, pattern + "\n", notes)
 
 
 # --- Axolotl: unfrozen_parameters (src/axolotl/utils/freeze.py, LayerNamePattern) -------------------------
@@ -193,21 +93,16 @@ def axolotl_patterns(fm: FreezeMap) -> list[str]:
     # Plain dots: Axolotl escapes every "." not followed by "+" itself (a "\." would become "\\.").
     # The trailing dot keeps layer 4 from matching 40-49 under its start-anchored re.match.
     layers = [f"{fm.memory_prefix}{i}." for i in fm.new_layers]
-    return layers + [f"{n}$" for n in _role_parameters(fm)]
-
-
-def _axolotl_match(patterns: Sequence[str], names: Sequence[str]) -> list[str]:
-    compiled = [re.compile(re.sub(r"\.(?!\+)", "\\.", p)) for p in patterns]
-    return [n for n in names if any(rx.match(n) for rx in compiled)]
+    return layers + [f"{n}$" for n in role_parameters(fm)]
 
 
 def _axolotl(fm: FreezeMap) -> Snippet:
     patterns = axolotl_patterns(fm)
-    selected = _axolotl_match(patterns, all_parameters(fm))
-    lines = _header(fm, _counts(fm, "Axolotl's rule (dots escaped, re.match)"))
+    selected = _in_order(fm, rules.axolotl(patterns, all_parameters(fm)))
+    lines = header(fm, counts(fm, "Axolotl's rule (dots escaped, re.match)"))
     lines += [
         "# Full fine-tuning only (no `adapter:`): for LoRA on the new layers use",
-        f"#   adapter: lora / lora_target_linear: true / peft_layers_to_transform: [{_ids(fm)}]",
+        f"#   adapter: lora / lora_target_linear: true / peft_layers_to_transform: [{layer_ids(fm)}]",
         "#   peft_layers_pattern: [layers]   (Axolotl refuses it together with unfrozen_parameters)",
         *pitfalls(
             fm, checkpointing="keep use_reentrant false (Axolotl refuses true with unfrozen_parameters)"
@@ -217,45 +112,37 @@ def _axolotl(fm: FreezeMap) -> Snippet:
         "gradient_checkpointing_kwargs:",
         "  use_reentrant: false",
     ]
-    return _checked(fm, Format.AXOLOTL, selected, "\n".join(lines) + "\n", fm.notes)
+    return checked(fm, Format.AXOLOTL, selected, "\n".join(lines) + "\n", fm.notes)
 
 
 # --- LLaMA-Factory: freeze tuning with use_llama_pro (model/adapter.py::_setup_freeze_tuning) -------------
 
 
-def llama_factory_ids(num_layers: int, k: int) -> list[int] | None:
-    """The layers `use_llama_pro` trains for `freeze_trainable_layers: k` (None: it raises)."""
-    if k <= 0 or num_layers % k:
-        return None
-    stride = num_layers // k
-    return list(range(stride - 1, num_layers + stride - 1, stride))
-
-
-def _llama_factory_match(fm: FreezeMap, k: int, extra_modules: Sequence[str]) -> list[str]:
-    ids = llama_factory_ids(fm.num_layers, k) or []
-    needles = [f".{i}." for i in ids] + list(extra_modules)  # a plain substring test, as LLaMA-Factory does
-    return [n for n in all_parameters(fm) if any(t in n for t in needles)]
-
-
 def _llama_factory(fm: FreezeMap) -> Snippet:
     k = len(fm.new_layers)
-    ids = llama_factory_ids(fm.num_layers, k)
+    ids = rules.llama_factory_ids(fm.num_layers, k)
     if ids != list(fm.new_layers):
-        would = f"it would train layers {_few([str(i) for i in ids])}" if ids else f"{k} does not divide it"
+        would = f"it would train layers {few([str(i) for i in ids])}" if ids else f"{k} does not divide it"
         raise UsageError(
-            f"--format llama-factory cannot express new layers {_ids(fm)} of {fm.num_layers}: use_llama_pro "
-            f"trains layers k*s-1 with stride s = {fm.num_layers}/{k}, and {would}",
+            f"--format llama-factory cannot express new layers {layer_ids(fm)} of {fm.num_layers}: "
+            f"use_llama_pro trains layers k*s-1 with stride s = {fm.num_layers}/{k}, and {would}",
             hint="use --format axolotl, swift or hf for full fine-tuning of exactly these layers, "
             "or --format peft for LoRA",
         )
     # freeze_extra_modules takes the module name one level above the parameter (name.split(".")[-2]),
     # and LLaMA-Factory only accepts those of parameters outside numbered layers.
-    extra = list(dict.fromkeys(n.split(".")[-2] for n in _role_parameters(fm)))
+    extra = list(dict.fromkeys(n.split(".")[-2] for n in role_parameters(fm)))
     outside = {n.split(".")[-2] for n in all_parameters(fm) if not re.search(r"\.\d+\.", n)}
     if not set(extra) <= outside:
-        _refuse(Format.LLAMA_FACTORY, [], sorted(set(extra) - outside))
-    selected = _llama_factory_match(fm, k, extra)
-    lines = _header(fm, _counts(fm, "LLaMA-Factory's rule (stride ids, substring match)"))
+        refuse(Format.LLAMA_FACTORY, [], sorted(set(extra) - outside))
+    config = {
+        "freeze_trainable_layers": k,
+        "freeze_trainable_modules": "all",
+        "use_llama_pro": True,
+        "freeze_extra_modules": ",".join(extra) or None,
+    }
+    selected = _in_order(fm, rules.llama_factory(config, all_parameters(fm), fm.num_layers))
+    lines = header(fm, counts(fm, "LLaMA-Factory's rule (stride ids, substring match)"))
     lines += [
         f"# use_llama_pro re-derives the layers from num_hidden_layers (stride {fm.num_layers}/{k}),",
         "# which gives exactly the new layers here. Trainable params are upcast to fp32 unless",
@@ -269,7 +156,7 @@ def _llama_factory(fm: FreezeMap) -> Snippet:
     ]
     if extra:
         lines.append(f"freeze_extra_modules: {','.join(extra)}")
-    return _checked(fm, Format.LLAMA_FACTORY, selected, "\n".join(lines) + "\n", fm.notes)
+    return checked(fm, Format.LLAMA_FACTORY, selected, "\n".join(lines) + "\n", fm.notes)
 
 
 # --- PEFT LoRA: layers_to_transform (tuners/tuners_utils.py::check_target_module_exists) ------------------
@@ -296,23 +183,6 @@ def lora_targets(fm: FreezeMap) -> list[str]:
             module = name[: -len(".weight")]
             if "norm" not in module.rsplit(".", 1)[-1]:
                 out.append(module)
-    return out
-
-
-def _peft_match(modules: Sequence[str], args: dict[str, Any]) -> list[str]:
-    targets: list[str] = args["target_modules"]
-    layers = set(args["layers_to_transform"])
-    pattern = str(args["layers_pattern"])
-    saved: list[str] = args.get("modules_to_save") or []
-    out = []
-    for key in modules:
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in saved):
-            continue  # PEFT never puts an adapter on a modules_to_save module
-        if not (key in targets or any(key.endswith(f".{t}") for t in targets)):
-            continue
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-        if m and int(m.group("idx")) in layers:
-            out.append(key)
     return out
 
 
@@ -350,7 +220,7 @@ def peft_arguments(fm: FreezeMap) -> dict[str, Any]:
         )
     targets = lora_targets(fm)
     leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    saved = sorted({n.rsplit(".", 1)[0] for n in _role_parameters(fm)})
+    saved = sorted({n.rsplit(".", 1)[0] for n in role_parameters(fm)})
     modules = module_names(all_parameters(fm))
     # layers_pattern is a regex fragment: the last prefix segment, else the whole (escaped) prefix.
     for pattern in (fm.memory_prefix.rstrip(".").rsplit(".", 1)[-1], re.escape(fm.memory_prefix.rstrip("."))):
@@ -361,7 +231,7 @@ def peft_arguments(fm: FreezeMap) -> dict[str, Any]:
         }
         if saved:
             args["modules_to_save"] = saved  # full module names: PEFT matches them with endswith
-        if sorted(_peft_match(modules, args)) == sorted(targets):
+        if rules.peft_lora_targets(args, modules) == set(targets):
             return args
     raise UsageError(
         "--format peft cannot put adapters on exactly the new layers' linear modules of this model",
@@ -374,9 +244,9 @@ def _peft(fm: FreezeMap) -> Snippet:
     targets = lora_targets(fm)
     shapes = {e.parameter: e.shape for e in fm.tensors.values() if e.parameter}
     adapter = sum(LORA_RANK * sum(shapes[f"{t}.weight"]) for t in targets)
-    saved = _role_parameters(fm)
+    saved = role_parameters(fm)
     numel = fm.parameter_numel()
-    lines = _header(
+    lines = header(
         fm,
         f"checked with PEFT's rule (target suffix + layers_pattern index): adapters on {len(targets)} "
         f"linear modules; with r={LORA_RANK}: {2 * len(targets) + len(saved)} trainable tensors, "
@@ -412,14 +282,16 @@ def _py(value: object) -> str:
 
 def swift_prefixes(fm: FreezeMap) -> list[str]:
     # startswith matching: the trailing dot keeps layer 4 from matching 40-49.
-    return [f"{fm.memory_prefix}{i}." for i in fm.new_layers] + _role_parameters(fm)
+    return [f"{fm.memory_prefix}{i}." for i in fm.new_layers] + role_parameters(fm)
 
 
 def _swift(fm: FreezeMap) -> Snippet:
     prefixes = swift_prefixes(fm)
     # freeze_parameters_ratio 1 freezes everything; activate_parameters then turns prefixes back on.
-    selected = [n for n in all_parameters(fm) if any(n.startswith(p) for p in prefixes)]
-    lines = _header(fm, _counts(fm, "ms-swift's rule (freeze all, then startswith)"))
+    args = {"tuner_type": "full", "freeze_parameters_ratio": 1, "trainable_parameters": prefixes}
+    numel = fm.parameter_numel()
+    selected = _in_order(fm, rules.swift(args, [(n, numel[n]) for n in all_parameters(fm)]))
+    lines = header(fm, counts(fm, "ms-swift's rule (freeze all, then startswith)"))
     lines += [
         "# --trainable_parameters applies only with --tuner_type full (--train_type before ms-swift v4).",
         "# Do not use --tuner_type llamapro on this checkpoint: it would expand it again at load time.",
@@ -428,7 +300,7 @@ def _swift(fm: FreezeMap) -> Snippet:
         "  --tuner_type full --freeze_parameters_ratio 1 \\",
         "  --trainable_parameters " + " ".join(shlex.quote(p) for p in prefixes),
     ]
-    return _checked(fm, Format.SWIFT, selected, "\n".join(lines) + "\n", fm.notes)
+    return checked(fm, Format.SWIFT, selected, "\n".join(lines) + "\n", fm.notes)
 
 
 # --- Hugging Face Trainer / plain PyTorch: requires_grad on `model` --------------------------------------
@@ -436,10 +308,9 @@ def _swift(fm: FreezeMap) -> Snippet:
 
 def _hf(fm: FreezeMap) -> Snippet:
     pattern = layer_regex(fm)
-    rx = re.compile(pattern)
-    selected = [n for n in all_parameters(fm) if rx.match(n)]
+    selected = _in_order(fm, rules.requires_grad(pattern, all_parameters(fm)))
     n = len(fm.trainable_parameters)
-    lines = _header(fm, _counts(fm, "re.match on named_parameters()"))
+    lines = header(fm, counts(fm, "re.match on named_parameters()"))
     lines += [
         "# Freeze after resize_token_embeddings (it makes the embeddings trainable again) and before",
         "# Trainer / accelerate / DeepSpeed see the model.",
@@ -454,4 +325,4 @@ def _hf(fm: FreezeMap) -> Snippet:
         "n_trainable = sum(p.requires_grad for p in model.parameters())",
         f'assert n_trainable == {n}, f"expected {n} trainable tensors, got {{n_trainable}} (wrapped model?)"',
     ]
-    return _checked(fm, Format.HF, selected, "\n".join(lines) + "\n", fm.notes)
+    return checked(fm, Format.HF, selected, "\n".join(lines) + "\n", fm.notes)
