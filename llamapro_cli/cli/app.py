@@ -386,6 +386,18 @@ def verify_frozen(
         str,
         typer.Option(help="With a checkpoint --map: roles trained too (embeddings,head,final-norm)."),
     ] = "",
+    report_: Annotated[
+        bool,
+        typer.Option(
+            "--report", help="Also measure how far training moved each new layer (and any changed original)."
+        ),
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE.png", help="Draw that report as a bar chart per new layer (needs matplotlib)."
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -394,18 +406,25 @@ def verify_frozen(
     Compares against the sha256 digests of expand --digests, or else the expanded checkpoint's bytes,
     whatever the trained checkpoint's sharding; trainer prefixes (base_model.model., _orig_mod.,
     module.) are stripped, and tensors saved in another dtype (fp32 copies of bf16) are converted back
-    with an exact round-trip check. New layers that did not change at all are a warning.
+    with an exact round-trip check. New layers that did not change at all are a warning. --report adds,
+    per new layer, |W_trained - W_initial| / |W_source| of its copied tensors and the RMS of its
+    zero-initialised ones, with a verdict (changed / did not change); --plot FILE.png draws it.
     """
     from llamapro_cli.cli import output
     from llamapro_cli.errors import CheckFailed
     from llamapro_cli.freeze.audit import verify_frozen as run_verify
 
-    with output.progress("verify-frozen", quiet=quiet or json_) as progress:
-        report = run_verify(map_, trained, also=also.split(",") if also else (), progress=progress)
-    if json_:
-        output.print_json(report)
+    if report_ or plot is not None:
+        report = training_cmds.verify_frozen_report(
+            map_, trained, also=also, quiet=quiet, json_=json_, plot=plot
+        )
     else:
-        output.render_frozen(report)
+        with output.progress("verify-frozen", quiet=quiet or json_) as progress:
+            report = run_verify(map_, trained, also=also.split(",") if also else (), progress=progress)
+        if json_:
+            output.print_json(report)
+        else:
+            output.render_frozen(report)
     if not report.ok:
         names = [c.name for c in report.changed] + [f"{n} (missing)" for n in report.missing]
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -12,9 +12,12 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from llamapro_cli.freeze.audit import FrozenReport
 
 MERGE_EPILOG = (
     "Examples:\n\n"
@@ -96,11 +99,18 @@ def _where(names: tuple[str, ...]) -> str:
     return f" (e.g. {names[0]})" if names else ""
 
 
-def show_learning(report: Any, *, json_: bool, plot: Path | None) -> None:
-    """Print `verify-frozen --report` (the audit, then what training did per new layer)."""
+def verify_frozen_report(
+    map_: str, trained: Path, *, also: str, quiet: bool, json_: bool, plot: Path | None
+) -> FrozenReport:
+    """`verify-frozen --report/--plot`: the audit, then what training did; returns the audit."""
     from llamapro_cli.cli import output
-    from llamapro_cli.freeze.learning import write_plot
+    from llamapro_cli.freeze.learning import learning_report
+    from llamapro_cli.freeze.learning_view import require_matplotlib, write_plot
 
+    if plot is not None:
+        require_matplotlib()  # before minutes of reading, not after
+    with output.progress("verify-frozen", quiet=quiet or json_) as progress:
+        report = learning_report(map_, trained, also=also.split(",") if also else (), progress=progress)
     if plot is not None:
         write_plot(report.learning, plot)
     if json_:
@@ -108,5 +118,6 @@ def show_learning(report: Any, *, json_: bool, plot: Path | None) -> None:
     else:
         output.render_frozen(report.audit)
         sys.stdout.write(report.learning.table())
-    if plot is not None:
+    if plot is not None and not quiet:
         output.note(f"wrote {plot}")
+    return report.audit
