@@ -315,8 +315,10 @@ def verify_identity(
         "  llamapro freeze-map ./pro-8b --format axolotl >> axolotl.yaml\n\n"
         "  llamapro freeze-map ./pro-8b --format json > pro-8b.freeze.json\n\n"
         "  llamapro freeze-map ./pro-8b --format hf --also embeddings,head\n\n"
-        "Exit codes: 0 ok; 2 the format cannot express this layout (e.g. llama-factory's stride), an\n"
-        "unknown format or role; 3 not an expanded checkpoint or bad input."
+        "  llamapro freeze-map ./pro-8b --check llama3_freeze_sft.yaml   (your own trainer config)\n\n"
+        "Exit codes: 0 ok (--check: the config trains exactly the map); 1 --check found a difference;\n"
+        "2 the format cannot express this layout (e.g. llama-factory's stride), an unknown format or\n"
+        "role; 3 not an expanded checkpoint, bad input, or a trainer config --check cannot read."
     ),
 )
 @handle_errors
@@ -336,6 +338,14 @@ def freeze_map(
     ] = "",
     json_: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     revision: RevisionOpt = None,
+    check: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="TRAINER_CONFIG",
+            help="Check your trainer config (LLaMA-Factory, Axolotl, PEFT adapter_config.json, ms-swift) "
+            "against the map: exit 0 if it trains exactly the new layers, 1 with the difference.",
+        ),
+    ] = None,
 ) -> None:
     """Which tensors to train after expand (the new layers), as a summary, a manifest or a trainer snippet.
 
@@ -349,6 +359,11 @@ def freeze_map(
     from llamapro_cli.freeze.trainers import Format, parse_format, render
 
     fmt = parse_format(format_)
+    if check is not None:
+        if fmt is not Format.TEXT:
+            raise UsageError(f"--check conflicts with --format {fmt.value} (use --json for the report)")
+        training_cmds.check_trainer_config(checkpoint, check, also=also, json_=json_, revision=revision)
+        return
     if json_ and fmt not in (Format.TEXT, Format.JSON):
         raise UsageError(f"--json conflicts with --format {fmt.value}")
     fm = build_map(checkpoint, also=also.split(",") if also else (), revision=revision)

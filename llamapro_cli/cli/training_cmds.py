@@ -18,6 +18,7 @@ import typer
 
 if TYPE_CHECKING:
     from llamapro_cli.freeze.audit import FrozenReport
+    from llamapro_cli.freeze.check import CheckReport
 
 MERGE_EPILOG = (
     "Examples:\n\n"
@@ -121,3 +122,74 @@ def verify_frozen_report(
     if plot is not None and not quiet:
         output.note(f"wrote {plot}")
     return report.audit
+
+
+def check_trainer_config(
+    checkpoint: str, config: Path, *, also: str, json_: bool, revision: str | None
+) -> None:
+    """`freeze-map --check`: the report on stdout; exit 1 (CheckFailed) when the config disagrees."""
+    from llamapro_cli.checkpoint import Checkpoint
+    from llamapro_cli.cli import output
+    from llamapro_cli.errors import CheckFailed
+    from llamapro_cli.freeze.check import check_trainer_config as run_check
+
+    ckpt = Checkpoint.open(checkpoint, revision=revision)
+    report = run_check(ckpt, config, also=also.split(",") if also else ())
+    if json_:
+        output.print_json(report)
+    else:
+        sys.stdout.write(check_table(report))
+    if report.unknown_keys:
+        output.note(
+            f"note: keys not read (they do not choose parameters as far as llamapro knows): "
+            f"{', '.join(report.unknown_keys)}"
+        )
+    if not report.agrees:
+        raise CheckFailed(
+            f"{config} does not train exactly the new layers ({_first_difference(report)})",
+            hint=f"llamapro freeze-map {shlex.quote(checkpoint)} --format FORMAT writes a config that does",
+        )
+
+
+def check_table(report: CheckReport) -> str:
+    from llamapro_cli.cli.output import layer_ranges
+
+    what = "adapters on" if report.method == "lora" else "trains"
+    rows = [
+        ("config", f"{report.config} ({report.trainer}, {report.method})"),
+        ("rule", report.rule),
+        ("new layers", layer_ranges(report.new_layers)),
+        (
+            what,
+            f"new layers {layer_ranges(report.new_layers_trained)}"
+            + (f" (partly: {layer_ranges(report.new_layers_partly)})" if report.new_layers_partly else ""),
+        ),
+        ("left frozen", f"new layers {layer_ranges(report.new_layers_left_frozen)}"),
+        ("original layers", layer_ranges(report.original_layers_trained)),
+        ("other tensors", ", ".join(report.other_trained) or "-"),
+        ("--also missed", ", ".join(report.roles_left_frozen) or "-"),
+        ("matches nothing", "; ".join(report.unmatched) or "-"),
+    ]
+    if report.refused:
+        rows.append(("trainer refuses", report.refused))
+    rows.append(("result", "AGREES with the freeze map" if report.agrees else "DIFFERS from the freeze map"))
+    width = max(len(k) for k, _ in rows)
+    return "".join(f"{k.ljust(width)}  {v}\n" for k, v in rows)
+
+
+def _first_difference(report: CheckReport) -> str:
+    from llamapro_cli.cli.output import layer_ranges
+
+    if report.refused:
+        return f"the trainer would refuse it: {report.refused}"
+    if report.original_layers_trained:
+        return f"it trains original layers {layer_ranges(report.original_layers_trained)}"
+    if report.new_layers_left_frozen:
+        return f"it leaves new layers {layer_ranges(report.new_layers_left_frozen)} frozen"
+    if report.unmatched:
+        return f"{report.unmatched[0]} matches no parameter"
+    if report.other_trained:
+        return f"it also trains {report.other_trained[0]}"
+    if report.roles_left_frozen:
+        return f"it leaves {report.roles_left_frozen[0]} frozen"
+    return f"it trains only part of new layers {layer_ranges(report.new_layers_partly)}"
