@@ -111,7 +111,7 @@ def learning_report(
 ) -> TrainingReport:
     """The audit of `trained` against the map, then how far each new layer's tensors moved."""
     started = time.monotonic()
-    audit = verify_frozen(map_or_expanded, trained, also=also)
+    audit = verify_frozen(map_or_expanded, trained, also=also, progress=progress)
     path = Path(map_or_expanded).expanduser()
     fm = load_manifest(path) if path.is_file() else freeze_map(map_or_expanded, also=also)
     expanded = None if path.is_file() else Checkpoint.open(map_or_expanded)
