@@ -35,9 +35,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "freeze_stride_5": {"finetuning_type": "freeze", "freeze_trainable_layers": 5, "use_llama_pro": True},
     "freeze_not_dividing": {"finetuning_type": "freeze", "freeze_trainable_layers": 3, "use_llama_pro": True},
-    "lora_llama_pro": {"finetuning_type": "lora", "lora_target": "all", "freeze_trainable_layers": 2,
-                       "use_llama_pro": True},  # fmt: skip
-    "lora_targets": {"finetuning_type": "lora", "lora_target": "q_proj,v_proj", "additional_target": "lm_head"},
+    "lora_llama_pro": {
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "freeze_trainable_layers": 2,
+        "use_llama_pro": True,
+    },
+    "lora_targets": {
+        "finetuning_type": "lora",
+        "lora_target": "q_proj,v_proj",
+        "additional_target": "lm_head",
+    },
 }
 
 
