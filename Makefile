@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo-out
 
-.PHONY: install demo test lint format suite fuzz mutate bench docs clean
+.PHONY: install demo test lint format suite fuzz mutate bench docs clean test-trainers
 
 install: $(STAMP)
 
@@ -50,5 +50,23 @@ bench: install
 docs: install
 	$(BIN)/python -m mkdocs build --strict
 
+# Opt-in (not part of `test`): LLaMA-Factory's own code against llamapro's port of its rule, in a venv
+# of its own (torch pinned by the constraint file; its CUDA-linked torchvision/torchaudio removed).
+TRAINERS_VENV := .venv-trainers
+TRAINERS_STAMP := $(TRAINERS_VENV)/.installed
+TRAINERS_PIP := $(TRAINERS_VENV)/bin/pip install --quiet -c scripts/trainers-constraints.txt
+
+$(TRAINERS_STAMP): pyproject.toml scripts/trainers-constraints.txt
+	$(PYTHON) -m venv $(TRAINERS_VENV)
+	$(TRAINERS_PIP) --upgrade pip
+	$(TRAINERS_PIP) "$(TORCH_PIN)"
+	$(TRAINERS_PIP) llamafactory pytest
+	$(TRAINERS_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio
+	$(TRAINERS_PIP) -e .
+	touch $(TRAINERS_STAMP)
+
+test-trainers: $(TRAINERS_STAMP)
+	$(TRAINERS_VENV)/bin/pytest -q -p no:randomly -m trainers tests/test_trainer_ports.py
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) $(TRAINERS_VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache site

@@ -26,6 +26,7 @@ COMMANDS = (
     "verify-identity",
     "freeze-map",
     "verify-frozen",
+    "merge-adapter",
     "push",
     "demo-checkpoint",
 )
@@ -152,6 +153,7 @@ def transcript() -> str:
         run("verify-identity", "--out", "pro2", "--json")
         run("verify-identity", "--out", "pro", "--engine", "native", "--json")
         run("verify-frozen", "--map", "pro", "--trained", "pro2")
+        run("verify-frozen", "--map", "pro", "--trained", "pro2", "--report", "--quiet")  # no progress lines
         run("verify-frozen", "--map", "pro2", "--trained", "pro2", "--json")
         run("inspect", "no-such-folder")
         run("expand", "--every", "0", "--in", "base", "--out", "bad")
