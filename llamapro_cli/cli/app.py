@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from llamapro_cli.cli import console, demo, expand, freeze, hub, inspect, verify
+from llamapro_cli.cli import console, demo, engines_cmds, expand, freeze, hub, inspect, verify
 from llamapro_cli.cli.options import Command, CommandSpec
 from llamapro_cli.errors import Interrupted, LlamaproError
 from llamapro_cli.version import __version__
@@ -36,6 +36,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     inspect.COMMAND,
     expand.COMMAND,
     verify.COMMAND,
+    engines_cmds.GGUF_PATTERN,
     freeze.FREEZE_MAP,
     freeze.VERIFY_FROZEN,
     hub.COMMAND,
@@ -109,6 +110,7 @@ def _root(
 
 for _spec in COMMANDS:
     app.command(_spec.name, cls=Command, epilog=_spec.epilog())(handle_errors(_spec.run))
+engines_cmds.register(app, handle_errors)
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
