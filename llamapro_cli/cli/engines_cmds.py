@@ -42,6 +42,7 @@ INSTALL_AFTER = (
     "(the pip output is in its install.log)."
 )
 
+
 def install(
     engine: Annotated[
         ServingEngine,
@@ -51,7 +52,9 @@ def install(
             parser=lambda value: _engine(value),
         ),
     ],
-    force: Annotated[bool, typer.Option("--force", help="Delete and rebuild an existing environment.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete and rebuild an existing environment.")
+    ] = False,
     python: Annotated[
         str | None,
         typer.Option("--python", metavar="PATH", help="Base interpreter of the new environment (3.10+)."),
@@ -98,6 +101,7 @@ def register(app: typer.Typer, wrap: Callable[[Callable[..., None]], Any]) -> No
     )
     group.command(INSTALL.name, cls=Command, epilog=INSTALL.epilog())(wrap(INSTALL.run))
     app.add_typer(group, name="engines")
+
 
 GGUF_EXAMPLES = (
     "llamapro gguf-pattern ./gemma2-pro gemma2-pro-f32.gguf gemma2-pro-fixed.gguf",

@@ -25,7 +25,7 @@ EXAMPLES = (
     "llamapro verify-identity --out ./pro-8b --engine native --device cpu",
     "llamapro verify-identity --out ./pro-8b --prompt 'def fib(n):' --json",
     "llamapro verify-identity --in ./llama2-7b --out ./merged  (other tools)",
-    "llamapro verify-identity --out ./pro-8b --engine llama.cpp   (after: llamapro engines install llama.cpp)",
+    "llamapro verify-identity --out ./pro-8b --engine llama.cpp  (after: llamapro engines install llama.cpp)",
 )
 AFTER_EXAMPLES = (
     "Exit codes: 0 identical; 1 different (the first difference is named); 2 usage; 3 cannot\n"

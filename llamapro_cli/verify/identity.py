@@ -34,10 +34,10 @@ from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.io.files import PROVENANCE_NAME
 from llamapro_cli.lineage import LayerMapping, layer_mapping
 from llamapro_cli.plan import ExpansionPlan
+from llamapro_cli.verify.engines.result import ServingReport
 from llamapro_cli.verify.hf_engine import config_reader
 from llamapro_cli.verify.inputs import make_inputs
 from llamapro_cli.verify.numerics import Inputs, NumericalResult
-from llamapro_cli.verify.engines.result import ServingReport
 from llamapro_cli.verify.options import SERVING_ENGINES, Device, DType, Engine, Options
 from llamapro_cli.verify.report import IdentityReport, Verdict
 from llamapro_cli.verify.structural import StructuralResult, check_structure

@@ -37,7 +37,7 @@ from llamapro_cli.verify.engines.protocol import (
 )
 from llamapro_cli.verify.engines.result import ServingReport
 from llamapro_cli.verify.engines.runner import resolve_python, run_adapter
-from llamapro_cli.verify.engines.spec import ServingEngine, known_cause, transformers_cause
+from llamapro_cli.verify.engines.spec import RECIPES, ServingEngine, known_cause, transformers_cause
 from llamapro_cli.verify.numerics import Inputs, NumericalResult
 
 BASE_FIXED, EXPANDED_FIXED = "base-pattern", "expanded-pattern"
@@ -85,7 +85,9 @@ def verify_in_engine(
             models=prepared.models,
             options={"max_model_len": len(ids) + inputs.decode_steps + 8},
         )
-        run_adapter(engine, interpreter, job, work)
+        separate = RECIPES[engine].process_per_model
+        for models in [(m,) for m in prepared.models] if separate else [prepared.models]:
+            run_adapter(engine, interpreter, replace(job, models=models), work)
         _step(progress, 2)
         try:
             versions = read_versions(work)
@@ -102,7 +104,7 @@ def verify_in_engine(
     hf = _transformers(base, inputs, arrays[BASE], dtype, engine)
     cause = known_cause(engine, expanded.family.name, dtype, prepared.fix_note is not None)
     if numbers.divergence is not None:
-        why = f"known: {cause}" if cause else f"no known cause in {engine.value}: please report it with --json"
+        why = f"known: {cause}" if cause else f"no known cause in {engine.value}: please report it"
         numbers = replace(numbers, divergence=f"{numbers.divergence}; {why}")
     _step(progress, 3)
     report = ServingReport(
@@ -150,8 +152,8 @@ def _prepare(
     warnings: list[str],
 ) -> Prepared:
     if engine is not ServingEngine.LLAMA_CPP:
-        models = ((BASE, base.root), (EXPANDED, expanded.root))
-        return Prepared(models, "safetensors folder (the engine's own loader)", None)
+        folders = ((BASE, base.root), (EXPANDED, expanded.root))
+        return Prepared(folders, "safetensors folder (the engine's own loader)", None)
     paths = {
         name: gguf.convert(ckpt, work / f"{name}.gguf", dtype, python, work, warnings)
         for name, ckpt in ((BASE, base), (EXPANDED, expanded))
@@ -172,13 +174,16 @@ def _prepare(
             fixed[name] = work / f"{name}-pattern.gguf"
             gguf.patch(python, paths[name], fixed[name], gguf.wanted_pattern(ckpt) or [], work)
             key = f"{infos[name].architecture}.attention.sliding_window_pattern"
-            notes.append(f"{name}: llama.cpp slides on the wrong layers {gguf.layers_text(wrong)}; wrote {key}")
+            notes.append(f"{name}: llama.cpp slides wrongly on layers {gguf.layers_text(wrong)}; wrote {key}")
     if fixed:
-        models += [(BASE_FIXED, fixed.get(BASE, paths[BASE])), (EXPANDED_FIXED, fixed.get(EXPANDED, paths[EXPANDED]))]
+        models.append((BASE_FIXED, fixed.get(BASE, paths[BASE])))
+        models.append((EXPANDED_FIXED, fixed.get(EXPANDED, paths[EXPANDED])))
     return Prepared(tuple(models), fmt, "; ".join(notes) if notes else None)
 
 
-def _fixed(arrays: dict[str, EngineArrays], prepared: Prepared, atol: float) -> tuple[float | None, str | None]:
+def _fixed(
+    arrays: dict[str, EngineArrays], prepared: Prepared, atol: float
+) -> tuple[float | None, str | None]:
     """base vs expanded after `gguf-pattern` (llama.cpp, when there was something to fix)."""
     if prepared.fix_note is None:
         return None, None

@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING
 from llamapro_cli.verify.numerics import NumericalResult, Outputs, compare_outputs, row_max_abs
 
 if TYPE_CHECKING:
-    import torch
-
     from llamapro_cli.verify.engines.protocol import EngineArrays
 
 # Relative tolerance of the transformers comparison, times max(1, largest |logit|): the rounding of

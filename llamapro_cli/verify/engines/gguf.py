@@ -1,6 +1,6 @@
 """GGUF for llama.cpp: conversion with the engine's own converter, and the per-layer sliding pattern.
 
-llama.cpp decides which layers use a sliding window from the GGUF key `{arch}.attention.sliding_window_pattern`:
+llama.cpp decides which layers use a sliding window from `{arch}.attention.sliding_window_pattern`:
 an array (one flag per layer) is taken as is; a number or no key means a period, expanded by the layer
 index (`llama_hparams::set_swa_pattern`: layer il slides when il % P < P - 1, or il % P != 0 for the
 architectures that put the full layer first). The converter writes the array for some families and
@@ -261,7 +261,7 @@ def _pattern_plan(expanded: Checkpoint, info: GgufInfo, dst: Path) -> PatternRes
             hint="serve it with an engine that reads layer_types (transformers, vLLM)",
         )
     if not mismatch:
-        note = f"llama.cpp already slides on exactly layers {layers_text(sliding)}: nothing to fix, {dst} is a copy"
+        note = f"llama.cpp already slides on layers {layers_text(sliding)}: nothing to fix, {dst} is a copy"
         return PatternResult(str(dst), info.architecture, key, False, sliding, (note,))
     note = (
         f"wrote {key} ({len(wanted)} layers, sliding: {layers_text(sliding)}); llama.cpp would have "

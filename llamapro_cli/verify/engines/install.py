@@ -62,7 +62,9 @@ def install_engine(
     root = engine_dir(engine)
     done = read_installed(root)
     if done is not None and not force:
-        return Installed(engine.value, done["python"], done["versions"], True, 0.0)
+        versions = done.get("versions")
+        known = {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {}
+        return Installed(engine.value, str(done["python"]), known, True, 0.0)
     _clear(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text(engine.value + "\n")
@@ -86,7 +88,8 @@ def install_engine(
     if recipe.packages:
         steps.run(f"install {' '.join(recipe.packages)}", [*pip, *recipe.packages])
     if recipe.remove:
-        steps.run(f"remove {' '.join(recipe.remove)}", [python, "-m", "pip", "uninstall", "-y", *recipe.remove])
+        uninstall = [python, "-m", "pip", "uninstall", "-y", *recipe.remove]
+        steps.run(f"remove {' '.join(recipe.remove)}", uninstall)
     versions = probe_versions(engine, python, steps)
     record = {"engine": engine.value, "python": str(python), "versions": versions, "recipe": _recipe(recipe)}
     (root / DONE).write_text(json.dumps(record, indent=2) + "\n")

