@@ -65,7 +65,9 @@ RECIPES: dict[ServingEngine, Recipe] = {
         tool_packages=(
             "torch==2.13.0",
             "transformers==4.57.6",
-            "sentencepiece>=0.1.98,<0.3.0",
+            # sentencepiece 0.2.1+ ships a model_pb2 that needs protobuf >= 5.26, which the converter's
+            # protobuf < 5 pin excludes (then transformers cannot convert a SentencePiece tokenizer).
+            "sentencepiece==0.2.0",
             "protobuf>=4.21.0,<5.0.0",
             "numpy>=2.2.6",
         ),
