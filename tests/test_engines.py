@@ -226,6 +226,8 @@ def test_llama_cpp_runs_the_whole_sequence_as_one_batch_with_every_logit() -> No
     args = llamacpp_run.context_args(request())
     assert args["n_batch"] == args["n_ubatch"] == 40 and args["n_ctx"] >= 48
     assert args["logits_all"] is True and args["n_gpu_layers"] == 0
+    assert args["type_k"] == args["type_v"] == 30  # the KV cache in the model's dtype, not f16
+    assert llamacpp_run.context_args(request(dtype="float32"))["type_k"] == 0
     assert llamacpp_run.context_args(request(device="cuda"))["n_gpu_layers"] == -1
 
 

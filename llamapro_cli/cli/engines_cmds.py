@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from llamapro_cli.cli import console
-from llamapro_cli.cli.options import Command, CommandSpec, QuietOpt
+from llamapro_cli.cli.options import Command, CommandSpec, JsonOpt, QuietOpt
 from llamapro_cli.verify.engines.spec import RECIPES, ServingEngine
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ def install(
         typer.Option("--python", metavar="PATH", help="Base interpreter of the new environment (3.10+)."),
     ] = None,
     quiet: QuietOpt = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Create ENGINE's own Python environment under the user's cache, with the measured pins.
 
@@ -70,15 +71,18 @@ def install(
     from llamapro_cli.verify.engines.install import install_engine
 
     def log(line: str) -> None:
-        if not quiet:
+        if not (quiet or json_):
             console.note(f"{engine.value}: {line}")
 
     done = install_engine(engine, force=force, base_python=python, log=log)
     versions = ", ".join(f"{k} {v}" for k, v in done.versions.items())
-    if not quiet:
+    if not (quiet or json_):
         state = "already installed" if done.already else f"installed in {done.seconds:.0f} s"
         console.note(f"{engine.value} {state}: {versions}")
-    console.print_line(done.python)
+    if json_:
+        console.print_json(done)
+    else:
+        console.print_line(done.python)
 
 
 def _engine(value: str | ServingEngine) -> ServingEngine:
@@ -119,6 +123,7 @@ def gguf_pattern(
     gguf_out: Annotated[Path, typer.Argument(metavar="GGUF_OUT", help="The GGUF to write (must not exist).")],
     engine_python: EnginePythonOpt = None,
     quiet: QuietOpt = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Write the per-layer sliding-window pattern of EXPANDED into a copy of its GGUF.
 
@@ -132,10 +137,13 @@ def gguf_pattern(
     from llamapro_cli.verify.engines.gguf import write_gguf_pattern
 
     result = write_gguf_pattern(Checkpoint.open(expanded), gguf_in, gguf_out, python=engine_python)
-    if not quiet:
+    if not (quiet or json_):
         for line in result.notes:
             console.note(line)
-    console.print_line(str(gguf_out))
+    if json_:
+        console.print_json(result)
+    else:
+        console.print_line(str(gguf_out))
 
 
 GGUF_PATTERN = CommandSpec("gguf-pattern", gguf_pattern, GGUF_EXAMPLES, after=GGUF_AFTER)

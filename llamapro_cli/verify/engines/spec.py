@@ -110,11 +110,17 @@ def transformers_cause(engine: ServingEngine, family: str) -> str | None:
     """What is known to make the engine's base differ from transformers' base."""
     if engine is ServingEngine.MLX and family in MLX_NO_WINDOW:
         return (
-            f"mlx-lm's {MLX_NO_WINDOW[family]} model has no sliding window here (and reads only a "
-            "top-level rope_theta)"
+            f"mlx-lm's {MLX_NO_WINDOW[family]} model has no sliding window here and reads only a top-level "
+            "rope_theta (transformers 5 writes it under rope_parameters)"
         )
     if engine is ServingEngine.LLAMA_CPP and family in ("qwen2", "qwen3", "mistral"):
         return f"llama.cpp runs {family} without a sliding window"
+    if engine is ServingEngine.LLAMA_CPP and family in ("gemma2", "gemma3", "gemma3_text"):
+        return (
+            "llama.cpp scales Gemma's queries by 1/sqrt(head_dim) and ignores query_pre_attn_scalar (equal "
+            "in the released models), and without the per-layer pattern derives the sliding layers from "
+            "the index"
+        )
     return None
 
 

@@ -25,10 +25,17 @@ def versions() -> dict[str, str]:
     return adapter_io.dist_versions("llama_cpp_python", "gguf", "numpy")
 
 
+# ggml types of the KV cache per dtype: llama.cpp's default cache is f16 whatever the weights, which
+# rounds every key and value (~1e-3 relative) and would hide an f32 model behind f16 noise.
+KV_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30}  # GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16
+
+
 def context_args(request: adapter_io.Request) -> dict[str, Any]:
     """Llama() arguments: one batch holds the whole sequence, so the full pass is one forward."""
     tokens = len(request.ids)
     return {
+        "type_k": KV_TYPES[request.dtype],
+        "type_v": KV_TYPES[request.dtype],
         "n_ctx": tokens + request.decode_steps + 8,
         "n_batch": tokens,
         "n_ubatch": tokens,
