@@ -232,9 +232,13 @@ def test_llama_cpp_runs_the_whole_sequence_as_one_batch_with_every_logit() -> No
 
 
 def test_vllm_is_asked_for_every_log_probability_greedily_without_a_tokenizer() -> None:
-    args = vllm_run.engine_args(request(), "/m", 1024)
+    config = {"vocab_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}
+    args = vllm_run.engine_args(request(), "/m", config)
     assert args["dtype"] == "bfloat16" and args["skip_tokenizer_init"] and args["max_logprobs"] == 1024
     assert args["max_model_len"] == 56 and not args["enable_prefix_caching"]
+    # 64 tokens (4 blocks of 16) x 2 layers x K and V x 4 heads x 16 dims x fp32, 4x, + 64 MiB
+    assert args["kv_cache_memory_bytes"] == 4 * 64 * 2 * 2 * 4 * 16 * 4 + (64 << 20)
+    assert args["distributed_executor_backend"] == "uni"
     sampling = vllm_run.sampling_args(request(), 1024)
     assert sampling["temperature"] == 0 and sampling["max_tokens"] == 8 and sampling["ignore_eos"]
     assert sampling["logprobs"] == sampling["prompt_logprobs"] == 1024

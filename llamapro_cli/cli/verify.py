@@ -171,7 +171,7 @@ def _numbers(report: IdentityReport) -> list[tuple[str, str]]:
             f"{report.decode_steps} cached one-token steps and {report.decode_steps} greedy tokens",
         ),
         (
-            "max |Δ logit|",
+            "max |Δ logprob|" if report.serving and report.serving.outputs == "logprobs" else "max |Δ logit|",
             f"full {_delta(report.full_max_abs)}, cached {_delta(report.cached_max_abs)} "
             + ("(exact comparison)" if report.atol == 0 else f"(atol {report.atol:g})"),
         ),

@@ -72,4 +72,6 @@ class IdentityReport:
         """What to do about a DIFFERENT verdict (None when identical)."""
         if self.verdict == Verdict.IDENTICAL:
             return None
+        if self.serving is not None and self.serving.hint is not None:
+            return self.serving.hint  # a known difference of a serving engine, and what to do about it
         return HINT_STRUCTURAL if self.structure_differs else HINT_NUMERICAL

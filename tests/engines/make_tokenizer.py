@@ -13,11 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-WORDS = (
+TEXT = (
     "the expanded model computes exactly what its base computed because every copy adds zero to the "
     "residual stream so a served model must give the same logits in every engine that runs it on the "
     "same token ids with the same weights and the same attention windows layer by layer"
-).split()
+)
+WORDS = TEXT.split(" ")
 
 
 def sentences() -> list[str]:
@@ -51,7 +52,9 @@ def main(folder: Path, vocab: int) -> None:
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
     tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=False
+    )
     tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {

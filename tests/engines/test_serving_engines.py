@@ -42,7 +42,9 @@ EXPECTED: dict[tuple[str, str, str], int] = {
 def check(engine: str, pair: Any, dtype: str, python: Path) -> tuple[int, Any, str | None]:
     """(exit code, report or None, error message) as the CLI would give them."""
     try:
-        report = verify_identity(pair.expanded, base=pair.base, engine=engine, dtype=dtype, engine_python=python)
+        report = verify_identity(
+            pair.expanded, base=pair.base, engine=engine, dtype=dtype, engine_python=python
+        )
     except InputError as e:
         return e.exit_code, None, e.message
     return (0 if report.verdict == "identical" else 1), report, None
@@ -78,7 +80,7 @@ def test_verify_identity_in_the_engine(
     assert serving is not None and serving.versions and serving.engine == engine
     assert report.tokens > 4 + report.decode_steps  # past every window of the tiny models (4)
     if code == 1:
-        assert report.reason is not None and "known:" in report.reason
+        assert report.reason is not None and "(known: " in report.reason and report.hint == serving.hint
     if (engine, model) in {("llama.cpp", "gemma2"), ("llama.cpp", "gemma3")}:
         assert serving.pattern_fix_max_abs == 0, serving.pattern_fix_note
         assert "bit-identical" in (serving.pattern_fix_note or "")
@@ -109,7 +111,9 @@ def test_gguf_pattern_makes_the_gemma2_gguf_exact(
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(fixed) and "wrote gemma2.attention.sliding_window_pattern" in done.stderr
+    assert (
+        done.stdout.strip() == str(fixed) and "wrote gemma2.attention.sliding_window_pattern" in done.stderr
+    )
     info = gguf.inspect_ggufs(python, [fixed], tmp_path)[0]
     assert info.pattern == [True, False, False, True, False, False, True, False, False]
     ids = list(range(3, 35))
@@ -120,9 +124,16 @@ def test_gguf_pattern_makes_the_gemma2_gguf_exact(
     run_adapter(ServingEngine.LLAMA_CPP, python, job, work)
     got = {name: read_arrays(work, name, tokens=32, decode_steps=8) for name, _ in models}
     as_is, after = engine_result(got["base"], got["asis"], 0.0), engine_result(got["base"], got["fixed"], 0.0)
-    recorder(engine="llama.cpp", model="gemma2 via gguf-pattern", dtype="float32", exit=0,
-             full_max_abs=after.full_max_abs, cached_max_abs=after.cached_max_abs,
-             greedy_equal=after.tokens_equal, note=f"as converted: max |Δ| {as_is.full_max_abs:.3g}")  # fmt: skip
+    recorder(
+        engine="llama.cpp",
+        model="gemma2 via gguf-pattern",
+        dtype="float32",
+        exit=0,
+        full_max_abs=after.full_max_abs,
+        cached_max_abs=after.cached_max_abs,
+        greedy_equal=after.tokens_equal,
+        note=f"as converted: max |Δ| {as_is.full_max_abs:.3g}",
+    )
     assert not as_is.identical(0.0) and after.identical(0.0)
 
 
@@ -133,7 +144,16 @@ def test_the_cli_reports_an_engine_run_on_stdout_and_exits_with_the_verdict(
     pair = pairs["llama"]
     command = [sys.executable, "-m", "llamapro_cli", "verify-identity", "--out", str(pair.expanded)]
     done = subprocess.run(
-        [*command, "--engine", "mlx", "--engine-python", str(python), "--prompt", "the same logits", "--json"],
+        [
+            *command,
+            "--engine",
+            "mlx",
+            "--engine-python",
+            str(python),
+            "--prompt",
+            "the same logits",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -143,7 +163,7 @@ def test_the_cli_reports_an_engine_run_on_stdout_and_exits_with_the_verdict(
     assert doc["engine"] == "mlx" and doc["input"] == "prompt" and doc["verdict"] == "identical"
     assert doc["serving"]["versions"]["mlx"] == "0.32.4" and doc["serving"]["outputs"] == "logits"
     table = subprocess.run(
-        [*command, "--engine", "mlx", "--engine-python", str(python)],
+        [*command, *engine],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,

@@ -104,8 +104,8 @@ def verify_in_engine(
     hf = _transformers(base, inputs, arrays[BASE], dtype, engine)
     cause = known_cause(engine, expanded.family.name, dtype, prepared.fix_note is not None)
     if numbers.divergence is not None:
-        why = f"known: {cause}" if cause else f"no known cause in {engine.value}: please report it"
-        numbers = replace(numbers, divergence=f"{numbers.divergence}; {why}")
+        why = f"known: {cause.short}" if cause else f"no known cause in {engine.value}"
+        numbers = replace(numbers, divergence=f"{numbers.divergence} ({why})")
     _step(progress, 3)
     report = ServingReport(
         engine=engine.value,
@@ -113,7 +113,8 @@ def verify_in_engine(
         python=str(interpreter),
         outputs=arrays[BASE].kind,
         model_format=prepared.model_format,
-        known_difference=cause,
+        known_difference=cause.detail if cause else None,
+        hint=cause.hint if cause else None,
         transformers_max_abs=hf[0],
         transformers_tolerance=hf[1],
         transformers_greedy_equal=hf[2],

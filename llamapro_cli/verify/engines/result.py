@@ -21,6 +21,7 @@ class ServingReport:
     outputs: str  # "logits", or "logprobs" (vLLM gives log-probabilities only)
     model_format: str  # "safetensors folder", or the GGUF conversion ("GGUF f32 by convert_hf_to_gguf.py …")
     known_difference: str | None  # what is known to make this engine differ here (None: nothing known)
+    hint: str | None  # what to do about that known difference
     transformers_max_abs: float | None  # engine base vs transformers base, full pass (None: not compared)
     transformers_tolerance: float | None
     transformers_greedy_equal: bool | None

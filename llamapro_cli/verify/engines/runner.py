@@ -67,6 +67,11 @@ def run_adapter(
     command = [str(python), str(adapter or adapter_path(engine)), str(folder)]
     rc = run_logged(command, folder / LOG, env or adapter_env(job.threads))
     names = [name for name, _ in job.models]
+    output = (
+        f"its output is in {folder / LOG}"
+        if os.environ.get("LLAMAPRO_DEBUG")
+        else f"rerun with LLAMAPRO_DEBUG=1 to keep its output ({LOG})"
+    )
     if rc == EXIT_MODEL:
         try:
             failure = read_failure(folder, names)
@@ -77,13 +82,13 @@ def run_adapter(
             verb = "load" if failure.stage == "load" else "run"
             raise InputError(
                 f"{engine.value} cannot {verb} the {failure.name} model {path}: {failure.error}",
-                hint=f"the engine refuses this model (its full output: rerun with LLAMAPRO_DEBUG=1, {LOG})",
+                hint=f"the engine refuses this model; {output}",
             )
     if rc != 0:
         raise InputError(
             f"the {engine.value} adapter failed (exit {rc}): {last_line(folder / LOG)}",
-            hint=f"rerun with LLAMAPRO_DEBUG=1 to keep its output ({LOG}); is {python} a {engine.value} "
-            f"environment? (`llamapro engines install {engine.value}`)",
+            hint=f"{output}; is {python} a {engine.value} environment? "
+            f"(`llamapro engines install {engine.value}`)",
         )
 
 

@@ -76,26 +76,41 @@ RECIPES: dict[ServingEngine, Recipe] = {
     ),
 }
 
+
 # What is known to make an engine differ (issue 14, measured on SmolLM2-135M expanded 30 -> 40 layers, and
 # read in the engines' sources: mlx-lm 0.32.2 models/gemma3_text.py, gemma2.py, qwen2.py, llama.py).
-VLLM_BF16 = (
+@dataclass(frozen=True)
+class Known:
+    """A known way an engine makes base and expanded differ."""
+
+    short: str  # for the one-line verdict
+    detail: str  # the mechanism
+    hint: str  # what the user can do
+
+
+VLLM_BF16 = Known(
+    "vLLM-CPU bf16 residual rounding",
     "vLLM's CPU fused_add_rms_norm passes the bf16-rounded residual on but normalises the unrounded fp32 "
-    "sum, so after an identity block the next layer normalises a different value (fp32 is exact)"
+    "sum, so after an identity block the next layer normalises a different value (fp32 is exact)",
+    "the engine, not the weights, differs: --dtype float32 is exact in vLLM",
 )
-LLAMA_CPP_PATTERN = (
+LLAMA_CPP_PATTERN = Known(
+    "llama.cpp's index-derived sliding pattern",
     "llama.cpp derives which layers slide from the layer index unless the GGUF carries the per-layer "
-    "{arch}.attention.sliding_window_pattern, which the converter does not write for this family; "
-    "`llamapro gguf-pattern` writes it"
+    "{arch}.attention.sliding_window_pattern, which the converter does not write for this family",
+    "write it into your GGUF: llamapro gguf-pattern EXPANDED converted.gguf fixed.gguf",
 )
-MLX_GEMMA3 = (
+MLX_GEMMA3 = Known(
+    "mlx-lm's index-derived Gemma 3 sliding layers",
     "mlx-lm derives Gemma 3's sliding layers from the layer index (sliding_window_pattern) and ignores "
-    "layer_types, so an expansion that breaks the index pattern runs different layers"
+    "layer_types, so an expansion that breaks the index pattern runs different layers",
+    "expand with a pattern-keeping plan (--every P --copies P, P = sliding_window_pattern) for MLX",
 )
 # Families whose sliding window mlx-lm ignores, or reads only from layer_types it does not get.
 MLX_NO_WINDOW = {"gemma2": "gemma2", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
 
 
-def known_cause(engine: ServingEngine, family: str, dtype: str, pattern_wrong: bool) -> str | None:
+def known_cause(engine: ServingEngine, family: str, dtype: str, pattern_wrong: bool) -> Known | None:
     """What is known to make base and expanded differ in `engine` for this model (None: nothing)."""
     if engine is ServingEngine.VLLM and dtype != "float32":
         return VLLM_BF16
