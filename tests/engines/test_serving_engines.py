@@ -143,17 +143,9 @@ def test_the_cli_reports_an_engine_run_on_stdout_and_exits_with_the_verdict(
     python = engine_python("mlx")
     pair = pairs["llama"]
     command = [sys.executable, "-m", "llamapro_cli", "verify-identity", "--out", str(pair.expanded)]
+    engine = ["--engine", "mlx", "--engine-python", str(python)]
     done = subprocess.run(
-        [
-            *command,
-            "--engine",
-            "mlx",
-            "--engine-python",
-            str(python),
-            "--prompt",
-            "the same logits",
-            "--json",
-        ],
+        [*command, *engine, "--prompt", "the same logits", "--json"],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
