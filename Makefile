@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo-out
 
-.PHONY: install demo test lint format suite fuzz mutate bench docs clean test-trainers
+.PHONY: install demo test test-engines lint format suite fuzz mutate bench docs clean test-trainers
 
 install: $(STAMP)
 
@@ -70,3 +70,11 @@ test-trainers: $(TRAINERS_STAMP)
 
 clean:
 	rm -rf $(VENV) $(TRAINERS_VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache site
+
+# Opt-in (not part of `test`): verify-identity in vLLM, llama.cpp and MLX, each in the environment
+# `llamapro engines install` creates under ~/.cache/llamapro/engines (~15 min and ~5 GB the first time).
+test-engines: install
+	$(BIN)/llamapro engines install mlx
+	$(BIN)/llamapro engines install vllm
+	$(BIN)/llamapro engines install llama.cpp
+	LLAMAPRO_ENGINE_TESTS=1 $(BIN)/pytest -q -p no:randomly -p no:xdist tests/engines

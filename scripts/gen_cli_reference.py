@@ -41,6 +41,13 @@ def command_names() -> list[str]:
     return [name for name, command in commands.items() if not getattr(command, "hidden", False)]
 
 
+def subcommand_names(name: str) -> list[str]:
+    from llamapro_cli.cli.app import app
+
+    command = getattr(typer.main.get_command(app), "commands", {})[name]
+    return [n for n, c in getattr(command, "commands", {}).items() if not getattr(c, "hidden", False)]
+
+
 def help_text(args: list[str]) -> str:
     from llamapro_cli.cli.app import app
 
@@ -54,6 +61,8 @@ def render() -> str:
     sections = [PREAMBLE, f"## llamapro\n\n```text\n{help_text([])}\n```\n"]
     for name in command_names():
         sections.append(f"## llamapro {name}\n\n```text\n{help_text([name])}\n```\n")
+        for sub in subcommand_names(name):  # a group (`llamapro engines`): each of its commands too
+            sections.append(f"## llamapro {name} {sub}\n\n```text\n{help_text([name, sub])}\n```\n")
     return "\n".join(sections)
 
 

@@ -12,6 +12,7 @@ import typer
 
 from llamapro_cli.cli import console
 from llamapro_cli.cli.console import human_bytes, layer_ranges
+from llamapro_cli.cli.engines_cmds import EnginePythonOpt, serving_rows
 from llamapro_cli.cli.options import CommandSpec, JsonOpt, QuietOpt, choice, integer
 from llamapro_cli.verify.identity import Device, DType, Engine
 
@@ -24,10 +25,12 @@ EXAMPLES = (
     "llamapro verify-identity --out ./pro-8b --engine native --device cpu",
     "llamapro verify-identity --out ./pro-8b --prompt 'def fib(n):' --json",
     "llamapro verify-identity --in ./llama2-7b --out ./merged  (other tools)",
+    "llamapro verify-identity --out ./pro-8b --engine llama.cpp  (after: llamapro engines install llama.cpp)",
 )
 AFTER_EXAMPLES = (
     "Exit codes: 0 identical; 1 different (the first difference is named); 2 usage; 3 cannot\n"
-    "check (no base, no consistent layer mapping, no tokenizer, engine or device unavailable)."
+    "check (no base, no consistent layer mapping, no tokenizer, engine or device unavailable,\n"
+    "or the serving engine cannot load a model: its reason is quoted)."
 )
 
 
@@ -51,7 +54,8 @@ def verify_identity(
         choice(
             Engine,
             "--engine",
-            help="auto (transformers when installed), transformers, or native (one block at a time).",
+            help="auto (transformers when installed), transformers, native (one block at a time), or a "
+            "serving engine in its own environment: vllm, llama.cpp (via GGUF), mlx.",
         ),
     ] = Engine.AUTO,
     device: Annotated[
@@ -75,6 +79,7 @@ def verify_identity(
     atol: Annotated[
         float, typer.Option(metavar="X", help="Largest |Δ logit| accepted (default 0: bit-identical).")
     ] = 0.0,
+    engine_python: EnginePythonOpt = None,
     quiet: QuietOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -100,6 +105,7 @@ def verify_identity(
             seed=seed,
             prompt=prompt,
             atol=atol,
+            engine_python=engine_python,
             progress=progress,
         )
     if not quiet:
@@ -167,7 +173,7 @@ def _numbers(report: IdentityReport) -> list[tuple[str, str]]:
             f"{report.decode_steps} cached one-token steps and {report.decode_steps} greedy tokens",
         ),
         (
-            "max |Δ logit|",
+            "max |Δ logprob|" if report.serving and report.serving.outputs == "logprobs" else "max |Δ logit|",
             f"full {_delta(report.full_max_abs)}, cached {_delta(report.cached_max_abs)} "
             + ("(exact comparison)" if report.atol == 0 else f"(atol {report.atol:g})"),
         ),
@@ -185,7 +191,7 @@ def _numbers(report: IdentityReport) -> list[tuple[str, str]]:
         rows.append(("first divergence", report.divergence + (f" ({', '.join(where)})" if where else "")))
     if report.peak_bytes_loaded is not None:
         rows.append(("weights resident", f"at most {human_bytes(report.peak_bytes_loaded)} at once"))
-    return rows
+    return rows + serving_rows(report.serving)
 
 
 def _delta(value: float | None) -> str:

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llamapro_cli.checkpoint import Checkpoint
@@ -37,10 +37,11 @@ from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.io.files import PROVENANCE_NAME
 from llamapro_cli.lineage import LayerMapping, layer_mapping
 from llamapro_cli.plan import ExpansionPlan
+from llamapro_cli.verify.engines.result import ServingReport
 from llamapro_cli.verify.hf_engine import config_reader
 from llamapro_cli.verify.inputs import make_inputs, tokenizer_checkpoint
 from llamapro_cli.verify.numerics import Inputs, NumericalResult
-from llamapro_cli.verify.options import Device, DType, Engine, Options
+from llamapro_cli.verify.options import SERVING_ENGINES, Device, DType, Engine, Options
 from llamapro_cli.verify.progress import Phase, RunProgress
 from llamapro_cli.verify.report import IdentityReport, Verdict
 from llamapro_cli.verify.structural import StructuralResult, check_structure
@@ -59,6 +60,7 @@ class Run:
     dtype: str
     inputs: Inputs
     seed: int | None
+    serving: ServingReport | None = None  # --engine vllm|llama.cpp|mlx: the engine's side
 
 
 def verify_identity(
@@ -73,6 +75,7 @@ def verify_identity(
     prompt: str | None = None,
     atol: float = 0.0,
     decode_steps: int = 8,
+    engine_python: str | Path | None = None,
     structural: bool = True,
     numerical: bool = True,
     progress: Callable[[int, int], None] | None = None,
@@ -96,6 +99,7 @@ def verify_identity(
         prompt=prompt,
         atol=atol,
         decode_steps=decode_steps,
+        engine_python=None if engine_python is None else str(engine_python),
     )
     exp = expanded if isinstance(expanded, Checkpoint) else Checkpoint.open(expanded)
     src = _open_base(exp, base)
@@ -219,6 +223,8 @@ def _numerical(
     engine = _engine(opts.engine, exp)
     device = _device(opts.device)
     dtype = auto_dtype(exp) if opts.dtype is DType.AUTO else opts.dtype.value
+    if engine is Engine.LLAMA_CPP and opts.dtype is DType.AUTO:
+        dtype = "float32"  # the GGUF conversion's default: f32 holds every source dtype exactly
     inputs = make_inputs(
         base,
         exp,
@@ -230,6 +236,14 @@ def _numerical(
         warnings=warnings,
     )
     run = Run(engine.value, device, dtype, inputs, None if opts.prompt is not None else opts.seed)
+    if engine in SERVING_ENGINES:
+        from llamapro_cli.verify.engines.check import serving_engine, verify_in_engine
+
+        numbers, serving = verify_in_engine(
+            serving_engine(engine), base, exp, inputs, dtype=dtype, device=device, atol=opts.atol,
+            python=opts.engine_python, warnings=warnings,
+        )  # fmt: skip
+        return replace(run, serving=serving), numbers
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if engine is Engine.NATIVE:
@@ -346,6 +360,7 @@ def _report(
         seconds=round(time.monotonic() - started, 3),
         peak_rss_bytes=peak_rss_bytes(),
         peak_gpu_bytes=_peak_gpu(run.device if run else None),
+        serving=run.serving if run else None,
     )
 
 

@@ -20,6 +20,13 @@ class Engine(StrEnum):
     AUTO = "auto"  # transformers when installed, else native
     TRANSFORMERS = "transformers"
     NATIVE = "native"
+    # Serving engines, each run in its own interpreter (verify/engines/): base and expanded inside it.
+    VLLM = "vllm"
+    LLAMA_CPP = "llama.cpp"
+    MLX = "mlx"
+
+
+SERVING_ENGINES = (Engine.VLLM, Engine.LLAMA_CPP, Engine.MLX)
 
 
 class Device(StrEnum):
@@ -47,6 +54,7 @@ class Options:
     prompt: str | None
     atol: float
     decode_steps: int
+    engine_python: str | None = None  # the interpreter of a serving engine (default: its installed env)
 
     @classmethod
     def parse(cls, **values: Any) -> Options:
@@ -69,6 +77,10 @@ class Options:
                 f"--tokens {self.tokens} leaves nothing to prefill: the last {self.decode_steps} tokens "
                 "are decoded one at a time through the cache",
                 hint=f"use --tokens {self.decode_steps + 1} or more",
+            )
+        if self.engine_python is not None and self.engine not in SERVING_ENGINES:
+            raise UsageError(
+                f"--engine-python applies to --engine vllm, llama.cpp or mlx, not {self.engine.value}"
             )
         if not self.atol >= 0:  # also refuses NaN
             raise UsageError(f"--atol must be zero or positive, got {self.atol}")

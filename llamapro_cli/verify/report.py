@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from llamapro_cli.verify.engines.result import ServingReport
 from llamapro_cli.verify.structural import StructuralResult
 
 HINT_STRUCTURAL = "re-create it with llamapro expand, or pass the right base with --in"
@@ -59,6 +60,7 @@ class IdentityReport:
     seconds: float
     peak_rss_bytes: int
     peak_gpu_bytes: int | None
+    serving: ServingReport | None = None  # --engine vllm|llama.cpp|mlx: the engine's versions and notes
 
     @property
     def structure_differs(self) -> bool:
@@ -70,4 +72,6 @@ class IdentityReport:
         """What to do about a DIFFERENT verdict (None when identical)."""
         if self.verdict == Verdict.IDENTICAL:
             return None
+        if self.serving is not None and self.serving.hint is not None:
+            return self.serving.hint  # a known difference of a serving engine, and what to do about it
         return HINT_STRUCTURAL if self.structure_differs else HINT_NUMERICAL
