@@ -6,9 +6,11 @@ once, so a stale mutation is reported, never silently skipped) and its replaceme
 most of them a false verdict. The repository is copied once to a temporary folder; each mutation is
 applied there alone, the tests that reach that code run (`-x`: the first failure kills it), and the file
 is restored. A mutation the tests do not kill *survives*; `expected` documents why a survivor is
-acceptable, or whose tests will kill it. Exit 1 when a mutation survives unexpectedly or is stale.
+acceptable. The tests first run unmutated (they must pass, or a failure would be no kill). Exit 1 when a
+mutation survives unexpectedly or is stale, 2 when the tests fail without any mutation.
 
-Usage: python scripts/mutate.py [--only ID ...] [--list] [--workers N]   (opt-in: not part of `make test`)
+Usage: python scripts/mutate.py [--only ID ...] [--list] [--workers N] [--no-baseline]
+(opt-in, `make mutate`: not part of `make test`)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VERIFY = ("tests/test_verify_sensitivity.py", "tests/test_verify.py")
 NATIVE = ("tests/test_reference.py",)
-FREEZE = ("tests/test_freeze.py",)
+FREEZE = ("tests/test_verify_frozen.py", "tests/test_freeze.py")
 SAFETY = ("tests/test_verify_safety.py",)
 
 
@@ -177,7 +179,7 @@ MUTATIONS = (
         "llamapro_cli/verify/inputs.py",
         "    return max((v for v in sizes if 0 < v < limit), default=0)",
         "    return 0",
-        VERIFY,
+        ("tests/test_verify.py::test_switched_off_window_is_not_active", *VERIFY),
     ),
     # --- no checkpoint code (verify/hf_engine.py, verify/inputs.py) ---------------------------------------
     M(
@@ -252,7 +254,7 @@ MUTATIONS = (
         "        if True:\n",
         ("tests/test_tiny_models.py",),
     ),
-    # --- verify-frozen (freeze/audit.py): the freeze engineer's tests kill these -------------------------
+    # --- verify-frozen (freeze/audit.py) -------------------------------------------------------------------
     M(
         "audit-skips-every-k-proj",
         "llamapro_cli/freeze/audit.py",
@@ -303,6 +305,22 @@ def _copy_repo(dest: Path) -> None:
             shutil.copy2(source, target)
 
 
+def _pytest(repo: Path, workers: int) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+    args = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+    return [*args, "-n", str(workers)] if workers > 1 else args, env
+
+
+def _baseline(chosen: list[Mutation], repo: Path, workers: int) -> bool:
+    """Every file of the chosen mutations' tests passes unmutated: else a failure would be no kill."""
+    files = sorted({t.split("::")[0] for m in chosen for t in m.tests})
+    args, env = _pytest(repo, workers)
+    proc = subprocess.run([*args, *files], cwd=repo, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-2000:])
+    return proc.returncode == 0
+
+
 def _run(mutation: Mutation, repo: Path, workers: int) -> tuple[str, float, str]:
     """(outcome, seconds, the test that failed first)."""
     path = repo / mutation.file
@@ -310,10 +328,7 @@ def _run(mutation: Mutation, repo: Path, workers: int) -> tuple[str, float, str]
     if original.count(mutation.snippet) != 1:
         return "stale", 0.0, ""  # the code moved on: the mutation must be rewritten, not skipped silently
     path.write_text(original.replace(mutation.snippet, mutation.replacement))
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
-    args = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
-    if workers > 1:
-        args += ["-n", str(workers)]
+    args, env = _pytest(repo, workers)
     # pytest merges a node id into its file's order, so the targeted tests run first, on their own.
     targeted = [t for t in mutation.tests if "::" in t]
     broad = [t for t in mutation.tests if "::" not in t]
@@ -341,6 +356,9 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="run only these mutation ids")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--workers", type=int, default=1, help="pytest-xdist workers per run (default 1)")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the unmutated run of the tests (they must pass)"
+    )
     opts = parser.parse_args()
     chosen = [m for m in MUTATIONS if opts.only is None or m.id in opts.only]
     if opts.list:
@@ -351,6 +369,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="llamapro-mutate-") as tmp:
         repo = Path(tmp)
         _copy_repo(repo)
+        if not opts.no_baseline and not _baseline(chosen, repo, opts.workers):
+            print("the tests fail without any mutation: fix them first (output above)")
+            return 2
         for m in chosen:
             outcome, seconds, by = _run(m, repo, opts.workers)
             bad = outcome != "killed" and not (outcome == "survived" and m.expected)
