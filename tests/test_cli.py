@@ -180,7 +180,13 @@ def test_help_shows_placeholders_and_closed_choices() -> None:
     expected = {
         "inspect": ["inspect [OPTIONS] CHECKPOINT", "--revision REV"],
         "expand": ["--in CHECKPOINT", "--out DIR", "--every N", "--placement [interleave|top|bottom]"],
-        "verify-identity": ["--engine [auto|transformers|native]", "--device [auto|cuda|cpu]", "--tokens N"],
+        "verify-identity": [
+            "--engine [auto|transformers|native|vllm|llama.cpp|mlx]",
+            "--device [auto|cuda|cpu]",
+            "--tokens N",
+            "--engine-python PATH",
+        ],
+        "gguf-pattern": ["gguf-pattern [OPTIONS] EXPANDED GGUF_IN GGUF_OUT", "--engine-python PATH"],
         "freeze-map": ["--format [text|names|json|regex|axolotl|llama-factory|peft|swift|hf]"],
         "verify-frozen": ["--map MANIFEST_OR_EXPANDED", "--trained TRAINED"],
         "push": ["push [OPTIONS] DIR REPO_ID"],

@@ -55,7 +55,7 @@ REPORT_KEYS = {
     "num_layers_out", "new_layers", "mapping", "structural", "engine", "device", "dtype", "input", "seed",
     "tokens", "prefill", "decode_steps", "atol", "full_max_abs", "cached_max_abs", "greedy_tokens_equal",
     "first_divergence_layer", "first_divergence_position", "divergence", "peak_bytes_loaded", "warnings",
-    "seconds", "peak_rss_bytes", "peak_gpu_bytes",
+    "seconds", "peak_rss_bytes", "peak_gpu_bytes", "serving",
 }  # fmt: skip
 STRUCTURAL_KEYS = {"ok", "mismatch", "layer", "tensor", "tensors_checked", "bytes_compared", "seconds"}
 INFERRED = "inferred from zero branch-final tensors"
