@@ -118,7 +118,7 @@ def record(**figures: Any) -> None:
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "0" if value == 0 else f"{value:.3g}"
-    return "-" if value is None else str(value)
+    return "-" if value is None else str(value).replace("|", "\\|")  # a Markdown table cell
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
