@@ -349,13 +349,13 @@ def test_an_expansion_that_breaks_gemma2s_alternation_needs_the_array(gemma2_pro
     assert gguf.pattern_mismatch(ckpt, info(None)) == [2, 3, 4, 8]
     assert gguf.pattern_mismatch(ckpt, info(gguf.wanted_pattern(ckpt))) == []
     assert gguf.pattern_mismatch(ckpt, info(None, arch="qwen2")) is None
-    plan = gguf._pattern_plan(ckpt, info(None), Path("out.gguf"))
+    plan = gguf.pattern_plan(ckpt, info(None), Path("out.gguf"))
     assert plan.written and plan.key == "gemma2.attention.sliding_window_pattern"
     assert plan.sliding_layers == (0, 3, 6)
     with pytest.raises(InputError, match="reads no per-layer sliding pattern"):
-        gguf._pattern_plan(ckpt, info(None, arch="qwen2"), Path("out.gguf"))
+        gguf.pattern_plan(ckpt, info(None, arch="qwen2"), Path("out.gguf"))
     with pytest.raises(InputError, match="has 7 layers"):
-        gguf._pattern_plan(ckpt, info(None, layers=7), Path("out.gguf"))
+        gguf.pattern_plan(ckpt, info(None, layers=7), Path("out.gguf"))
 
 
 class FakeField:

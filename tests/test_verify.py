@@ -55,7 +55,7 @@ REPORT_KEYS = {
     "num_layers_out", "new_layers", "mapping", "structural", "engine", "device", "dtype", "input", "seed",
     "tokens", "prefill", "decode_steps", "atol", "full_max_abs", "cached_max_abs", "greedy_tokens_equal",
     "first_divergence_layer", "first_divergence_position", "divergence", "peak_bytes_loaded", "warnings",
-    "seconds", "peak_rss_bytes", "peak_gpu_bytes",
+    "seconds", "peak_rss_bytes", "peak_gpu_bytes", "serving",
 }  # fmt: skip
 # Every other (family, variant) of the oracle, so every registry family is verified end to end with the
 # transformers engine (test_every_registry_model_type_has_a_tiny_model keeps the oracle complete).
@@ -542,6 +542,7 @@ def test_json_schema(demo: tuple[Path, Path]) -> None:
     assert result.exit_code == 0, result.stderr
     doc = as_json(result)
     assert set(doc) == REPORT_KEYS and doc["schema_version"] == 1
+    assert doc["serving"] is None  # only a serving engine (vllm, llama.cpp, mlx) fills it
     assert set(doc["structural"]) == STRUCTURAL_KEYS
     assert (doc["tokens"], doc["prefill"], doc["decode_steps"], doc["seed"], doc["atol"]) == (
         20,

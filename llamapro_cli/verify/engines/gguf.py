@@ -227,7 +227,7 @@ def write_gguf_pattern(
     with tempfile.TemporaryDirectory(prefix="llamapro-gguf-") as tmp:
         work = Path(tmp)
         info = inspect_ggufs(engine_python, [src], work)[0]
-        result = _pattern_plan(expanded, info, dst)
+        result = pattern_plan(expanded, info, dst)
         partial = dst.with_name(f"{dst.name}.partial-{secrets.token_hex(4)}")
         try:
             if result.written:
@@ -241,7 +241,7 @@ def write_gguf_pattern(
     return result
 
 
-def _pattern_plan(expanded: Checkpoint, info: GgufInfo, dst: Path) -> PatternResult:
+def pattern_plan(expanded: Checkpoint, info: GgufInfo, dst: Path) -> PatternResult:
     key = f"{info.architecture}.attention.sliding_window_pattern"
     wanted = wanted_pattern(expanded)
     if info.block_count is not None and info.block_count != expanded.num_layers:
