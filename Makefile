@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo-out
 
-.PHONY: install demo test test-engines lint format suite fuzz bench docs clean
+.PHONY: install demo test test-engines lint format suite fuzz mutate bench docs clean test-trainers
 
 install: $(STAMP)
 
@@ -38,14 +38,38 @@ test: lint suite
 fuzz: install
 	LLAMAPRO_FUZZ_EXAMPLES=20000 $(BIN)/pytest -q tests/test_fuzz.py
 
+# Opt-in (not in `test`): plant each curated bug in the verifiers, expect the tests to catch it.
+mutate: install
+	$(BIN)/python scripts/mutate.py
+
+# make bench FS=xfs (or btrfs, ext4): on a loop-mounted image of that filesystem (root); BENCH_ARGS
+# passes more options, e.g. BENCH_ARGS="--sizes 1b --runs 1".
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(if $(FS),--fs $(FS)) $(BENCH_ARGS)
 
 docs: install
 	$(BIN)/python -m mkdocs build --strict
 
+# Opt-in (not part of `test`): LLaMA-Factory's own code against llamapro's port of its rule, in a venv
+# of its own (torch pinned by the constraint file; its CUDA-linked torchvision/torchaudio removed).
+TRAINERS_VENV := .venv-trainers
+TRAINERS_STAMP := $(TRAINERS_VENV)/.installed
+TRAINERS_PIP := $(TRAINERS_VENV)/bin/pip install --quiet -c scripts/trainers-constraints.txt
+
+$(TRAINERS_STAMP): pyproject.toml scripts/trainers-constraints.txt
+	$(PYTHON) -m venv $(TRAINERS_VENV)
+	$(TRAINERS_PIP) --upgrade pip
+	$(TRAINERS_PIP) "$(TORCH_PIN)"
+	$(TRAINERS_PIP) llamafactory pytest
+	$(TRAINERS_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio
+	$(TRAINERS_PIP) -e .
+	touch $(TRAINERS_STAMP)
+
+test-trainers: $(TRAINERS_STAMP)
+	$(TRAINERS_VENV)/bin/pytest -q -p no:randomly -m trainers tests/test_trainer_ports.py
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) $(TRAINERS_VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache site
 
 # Opt-in (not part of `test`): verify-identity in vLLM, llama.cpp and MLX, each in the environment
 # `llamapro engines install` creates under ~/.cache/llamapro/engines (~15 min and ~5 GB the first time).

@@ -4,7 +4,9 @@ Each run: the previous output is deleted and flushed, the page cache is dropped 
 /proc/sys/vm/drop_caches`; where that is not permitted, `posix_fadvise(DONTNEED)` on every input file),
 then `bash -c 'COMMAND && sync'` runs under GNU `/usr/bin/time`, whose rusage gives the peak RSS of
 the largest process in the tree (the kernel folds a waited-for child's peak into its parent's) and the
-CPU time of the whole tree. Wall time is measured around the whole command, `sync` included.
+CPU time of the whole tree. Wall time is measured around the whole command, `sync` included. On a
+benchmark filesystem (`--fs`), the new space a run allocated is the settled free space before it minus
+after it, and `du` of its output is recorded beside it (shared blocks count in full there).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsimage
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -27,6 +31,8 @@ class Sample:
     load: float  # 1-minute load average when the run started
     ok: bool
     log: str = ""
+    allocated: int = -1  # new space on the filesystem (settled free bytes before - after); -1: not taken
+    du: int = -1  # `du -sB1` of the output (shared blocks count in full); -1: not taken
 
 
 @dataclass
@@ -80,9 +86,18 @@ def logical_size(path: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def run(command: str, *, inputs: list[Path], out: Path, env: dict[str, str] | None = None) -> Sample:
-    """Time `command && sync` cold; `out` is removed before (not after: the caller checks it first)."""
+def run(
+    command: str,
+    *,
+    inputs: list[Path],
+    out: Path,
+    env: dict[str, str] | None = None,
+    space: bool = False,
+) -> Sample:
+    """Time `command && sync` cold; `out` is removed before (not after: the caller checks it first).
+    `space`: also the new space it allocated on `out`'s filesystem, and `du` of `out`."""
     remove(out)
+    free_before = fsimage.settled_free(out.parent) if space else 0
     drop_caches(inputs)
     time.sleep(1.0)  # let the discards of the deletion and the cache drop settle
     load = os.getloadavg()[0]
@@ -108,6 +123,8 @@ def run(command: str, *, inputs: list[Path], out: Path, env: dict[str, str] | No
         load=load,
         ok=done.returncode == 0,
         log=done.stdout[-2000:] if done.returncode else "",  # kept only to explain a failure
+        allocated=free_before - fsimage.settled_free(out.parent) if space else -1,
+        du=fsimage.du(out) if space and out.exists() else -1,
     )
 
 

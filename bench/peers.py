@@ -1,5 +1,8 @@
 """The tools compared: llamapro itself, `cp -r`, a direct-I/O `dd` copy, and mergekit's passthrough merge.
 
+`--fs` adds the forced direct engine, `cp -r --reflink=always` (the floor on a filesystem that shares
+extents) and a direct-I/O read of the input (what `--digests` costs when nothing else is moved).
+
 Also: mergekit's own virtual environment (created once under bench/.work, torch installed first from
 the pinned CPU wheel so pip pulls no CUDA build), the mergekit config that performs the same LLaMA Pro
 expansion (zero `scale` on the branch-final projections of each copy), and an independent check that
@@ -36,6 +39,11 @@ TOOLS = {
     "llamapro-buffered": Tool(
         "llamapro-buffered", "llamapro expand, buffered engine (LLAMAPRO_DIRECT_IO=0)", True
     ),
+    "llamapro-direct": Tool(
+        "llamapro-direct", "llamapro expand, direct engine (LLAMAPRO_ENGINE=direct)", True
+    ),
+    "cp-reflink": Tool("cp-reflink", "cp -r --reflink=always (shares every block: the floor)", False),
+    "read": Tool("read", "direct-I/O read of the input (dd iflag=direct of=/dev/null)", False),
     "dd": Tool("dd", "direct-I/O copy (dd bs=64M iflag=direct oflag=direct)", False),
     "cp": Tool("cp", "cp -r", False),
     "mergekit": Tool("mergekit", "mergekit passthrough (zero scale)", True),
@@ -59,8 +67,17 @@ def command(tool: str, src: Path, out: Path, *, every: int, work: Path) -> str:
         return f"{BIN}/llamapro expand --in {src} --out {out} --every {every} --quiet --digests"
     if tool == "llamapro-buffered":
         return f"LLAMAPRO_DIRECT_IO=0 {BIN}/llamapro expand --in {src} --out {out} --every {every} --quiet"
+    if tool == "llamapro-direct":
+        return f"LLAMAPRO_ENGINE=direct {BIN}/llamapro expand --in {src} --out {out} --every {every} --quiet"
     if tool == "cp":
         return f"cp -r {src} {out}"
+    if tool == "cp-reflink":
+        return f"cp -r --reflink=always {src} {out}"
+    if tool == "read":
+        return (
+            f'for f in {src}/*.safetensors; do dd if="$f" of=/dev/null bs=64M iflag=direct status=none '
+            "|| exit 1; done"
+        )
     if tool == "dd":
         return (
             f"mkdir {out} && for f in {src}/*.safetensors; do "

@@ -1,17 +1,21 @@
 """Render benchmark results: the generated part of docs/performance.md and the plot in docs/img/.
 
-Only the text between `<!-- bench:start -->` and `<!-- bench:end -->` is replaced, so the hand-written
-analysis around it stays. Results are read from bench/results.json (written by run.py), so the page and
+Only the text between `<!-- bench:start -->` and `<!-- bench:end -->` (and, for `--fs` runs, between
+`<!-- bench-fs:start -->` and `<!-- bench-fs:end -->`) is replaced, so the hand-written analysis
+around it stays. Results are read from bench/results.json (written by run.py), so the page and
 the plot can be re-rendered without re-running anything: `python bench/run.py --render-only`.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+FS_START, FS_END = "<!-- bench-fs:start -->", "<!-- bench-fs:end -->"
+FS_ORDER = ["llamapro", "llamapro-direct", "llamapro-digests", "cp-reflink", "cp", "dd", "read", "mergekit"]
 ORDER = ["llamapro", "llamapro-digests", "llamapro-buffered", "dd", "cp", "mergekit"]
 LABELS = {
     "llamapro": "**llamapro expand**",
@@ -20,6 +24,9 @@ LABELS = {
     "dd": "direct-I/O copy (`dd bs=64M iflag=direct oflag=direct`)",
     "cp": "`cp -r` of the input",
     "mergekit": "mergekit passthrough (zero `scale`)",
+    "llamapro-direct": "llamapro expand, direct engine forced",
+    "cp-reflink": "`cp -r --reflink=always` of the input (the floor)",
+    "read": "direct-I/O read of the input (`dd iflag=direct`)",
 }
 
 
@@ -203,3 +210,111 @@ def plot(results: dict[str, Any], png: Path) -> bool:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return True
+
+
+# --- copy-on-write filesystems (`--fs`) -------------------------------------------------------------------
+
+
+def _median(series: dict[str, Any], key: str) -> float:
+    values = [s[key] for s in series["samples"] if s["ok"] and s.get(key, -1) >= 0]
+    return statistics.median(values) if values else float("nan")
+
+
+def _wall(series: dict[str, Any]) -> float:
+    return statistics.median(s["wall"] for s in series["samples"] if s["ok"])
+
+
+def _space(n: float) -> str:
+    if n != n:  # nan: not measured
+        return "—"
+    n = max(n, 0)
+    return f"{n / 1e3:.0f} KB" if n < 1e6 else _mb(n)
+
+
+def _fs_row(series: dict[str, Any], dd: float, floor: float) -> str:
+    walls = sorted(s["wall"] for s in series["samples"] if s["ok"])
+    if not walls:
+        return f"| {LABELS[series['tool']]} | failed or skipped: {series['note'][:120]} | | | | | | |"
+    median, pb = statistics.median(walls), per_byte(series)
+    new, du = _median(series, "allocated"), _median(series, "du")
+    return (
+        f"| {LABELS[series['tool']]} | {median:.2f} s ({walls[0]:.2f}–{walls[-1]:.2f}) | {_space(new)} "
+        f"| {_space(du)} | {_gb(series['bytes_written'])} | {pb / dd:.3f} "
+        f"| {f'{median / floor:.1f} ×' if floor == floor else '—'} | {series['correct'] or '—'} |"
+    )
+
+
+def fs_table(results: dict[str, Any], size: dict[str, Any]) -> list[str]:
+    by = {s["tool"]: s for s in size["series"]}
+    ok = {t: s for t, s in by.items() if any(x["ok"] for x in s["samples"])}
+    dd = per_byte(ok["dd"]) if "dd" in ok else float("nan")
+    floor = _wall(ok["cp-reflink"]) if "cp-reflink" in ok else float("nan")
+    loads = [x["load"] for s in size["series"] for x in s["samples"]]
+    lines = [
+        f"### {results['fs']}: {size['label']}, {_gb(size['input_bytes'])} in {size['shards']} shard(s), "
+        f"`--every {size['every']}` ({size['layers']} → {size['layers_out']} layers)",
+        "",
+        f"{size['runs']} cold run(s) per tool, alternated; 1-minute load average at the start of the runs "
+        f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f} (2 cores shared with other work).",
+        "",
+        "| tool | wall, median (min–max) | new space (df) | `du` of output | written (logical) "
+        "| per byte vs dd | wall vs `cp --reflink` | output correct |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_fs_row(by[t], dd, floor) for t in FS_ORDER if t in by]
+    return [*lines, "", *fs_targets(results["fs"], ok), ""]
+
+
+def fs_targets(fs: str, by: dict[str, Any]) -> list[str]:
+    """The copy-on-write goals (issue 13), for what this run measured."""
+    out = ["| figure | goal | measured | holds |", "|---|---|---|---|"]
+    if fs != "ext4" and "llamapro" in by:
+        wall, share = (
+            _wall(by["llamapro"]),
+            _median(by["llamapro"], "allocated") / by["llamapro"]["bytes_written"],
+        )
+        out.append(f"| expand, wall incl. sync | ≤ 1.0 s | {wall:.2f} s | {_yes(wall <= 1.0)} |")
+        out.append(
+            f"| expand, new space / output size | ≤ 1 % | {100 * share:.2f} % | {_yes(share <= 0.01)} |"
+        )
+    if {"llamapro-digests", "read"} <= set(by):
+        ratio = _wall(by["llamapro-digests"]) / _wall(by["read"])
+        out.append(
+            f"| expand --digests vs a direct-I/O read of the input | ≤ 1.1 × | {ratio:.2f} × "
+            f"| {_yes(ratio <= 1.1)} |"
+        )
+    if fs == "ext4" and {"llamapro", "dd"} <= set(by):
+        ratio = per_byte(by["llamapro"]) / per_byte(by["dd"])
+        out.append(
+            f"| expand per byte vs `dd` direct (no regression) | ≤ 1.1 × | {ratio:.2f} × "
+            f"| {_yes(ratio <= 1.1)} |"
+        )
+    return out if len(out) > 2 else []
+
+
+def render_fs(all_results: list[dict[str, Any]]) -> str:
+    lines = [FS_START, ""]
+    for results in all_results:
+        env = results["environment"]
+        for size in results["sizes"]:
+            lines += [
+                f"Measured {size.get('date', results['date'])} by "
+                f"`bench/run.py {size.get('args', results['args'])}` on {env['cores']} cores ({env['cpu']}), "
+                f"{env['memory']}, {results['fs']} on a loop-mounted image on the same disk, kernel "
+                f"{env['kernel']}; page cache dropped before every run ({results['cache']}).",
+                "",
+                *fs_table(results, size),
+            ]
+    return "\n".join([*lines, FS_END])
+
+
+def write_fs_doc(doc: Path, paths: list[Path]) -> None:
+    """Render every bench/results-fs-*.json into the copy-on-write section of the page."""
+    if not paths:
+        return
+    text = doc.read_text()
+    if FS_START not in text:
+        text += f"\n## Copy-on-write filesystems\n\n{FS_START}\n{FS_END}\n"
+    head, rest = text.split(FS_START, 1)
+    _, tail = rest.split(FS_END, 1)
+    doc.write_text(head + render_fs([json.loads(p.read_text()) for p in paths]) + tail)

@@ -1,7 +1,8 @@
 """llamapro: exact LLaMA Pro block expansion for Hugging Face safetensors checkpoints.
 
 The public API is the CLI's verbs: `describe_checkpoint`, `plan_expansion`, `expand`, `verify_identity`,
-`freeze_map`, `apply_freeze_map`, `verify_frozen`. Those that may need torch are re-exported lazily
+`freeze_map`, `apply_freeze_map`, `verify_frozen`, `learning_report`, `check_trainer_config`,
+`merge_adapter`. Those that may need torch are re-exported lazily
 (PEP 562), so `import llamapro_cli` and `llamapro --help` stay fast.
 """
 
@@ -20,8 +21,11 @@ from llamapro_cli.version import __version__
 _API = {
     "verify_identity": "verify.identity",
     "freeze_map": "freeze.map",
-    "apply_freeze_map": "freeze.manifest",
+    "apply_freeze_map": "freeze.apply",
     "verify_frozen": "freeze.audit",
+    "learning_report": "freeze.learning",
+    "check_trainer_config": "freeze.check",
+    "merge_adapter": "merge",
 }
 __all__ = ["__version__", "describe_checkpoint", "expand", "plan_expansion", *_API]
 

@@ -5,9 +5,15 @@ merged into a new `ModelCardData`, and its text kept below a heading. We add wha
 lineage (`base_model`, `base_model_relation`), our tags and `library_name`. The body says how the model
 was made: the command, the new layers, the parameter counts, and the commands that check and train it.
 
+The input's card is hostile data like every input file: at most `MAX_CARD_SIZE` bytes of it are read,
+and its YAML metadata is merged only when it is at most `MAX_METADATA_SIZE` bytes and expands to at most
+`MAX_METADATA_NODES` nodes — YAML aliases can make 400 bytes expand to gigabytes (the "billion laughs").
+Otherwise the card keeps the original text without its metadata, and `expand` warns.
+
 Invariant: metadata is only ever produced by `ModelCardData.to_yaml()`, never hand-written YAML, so the
-card parses back with `ModelCard`. Must not: print, touch the network, or invent a `base_model` for a
-local input (the Hub would link to whatever repo has that name).
+card parses back with `ModelCard`; no YAML is loaded before its expanded size is known to be small.
+Must not: print, touch the network, or invent a `base_model` for a local input (the Hub would link to
+whatever repo has that name).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamapro_cli.errors import OutputError
+from llamapro_cli.errors import InputError, OutputError
 from llamapro_cli.plan import ExpansionPlan, plan_options
 from llamapro_cli.version import __version__
 
@@ -28,6 +34,9 @@ PAPER = "https://arxiv.org/abs/2401.02415"
 _DROPPED_KEYS = frozenset(
     {"base_model", "base_model_relation", "model-index", "eval_results", "new_version", "library_name"}
 )
+MAX_CARD_SIZE = 1024 * 1024  # the input's README.md; real ones are kilobytes
+MAX_METADATA_SIZE = 64 * 1024  # its YAML header (license, tags, gating, ...): real ones are ~1 KB
+MAX_METADATA_NODES = 10_000  # YAML nodes after expanding every alias
 
 
 @dataclass(frozen=True)
@@ -90,15 +99,78 @@ def card_data(original: dict[str, Any], facts: CardFacts) -> Any:
     )
 
 
+def read_card_source(readme: Path) -> tuple[str | None, list[str]]:
+    """The input's README.md text for the card, and a warning when it (or its metadata) is left out."""
+    try:
+        fd = os.open(readme, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, MAX_CARD_SIZE + 1) if os.fstat(fd).st_size <= MAX_CARD_SIZE else None
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise InputError(f"cannot read {readme}: {os.strerror(e.errno or 0)}") from e
+    if data is None or len(data) > MAX_CARD_SIZE:
+        return None, [f"{readme} is over {MAX_CARD_SIZE} bytes; the model card leaves it out"]
+    text = data.decode("utf-8", errors="replace")
+    problem = metadata_problem(text)
+    if problem:
+        return text, [f"{readme}: {problem}; the model card keeps its text without its metadata"]
+    return text, []
+
+
+def metadata_problem(text: str) -> str | None:
+    """Why the card's YAML metadata must not be loaded (too large, or expanding too far); None if fine."""
+    import yaml  # a dependency (pyproject.toml); no stubs installed, mypy's overrides ignore them
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    match = REGEX_YAML_BLOCK.search(text)
+    if match is None:
+        return None
+    block = match.group(2)
+    if len(block.encode("utf-8", "replace")) > MAX_METADATA_SIZE:
+        return f"its metadata is over {MAX_METADATA_SIZE} bytes"
+    try:
+        # compose() builds the node graph without expanding aliases: its size is the document's.
+        root = yaml.compose(block, Loader=yaml.SafeLoader)
+        nodes = 0 if root is None else _expanded_nodes(root, {}, set())
+    except (yaml.YAMLError, RecursionError):
+        return None  # not YAML: the card keeps it as text (`_parse_original`)
+    if nodes > MAX_METADATA_NODES:
+        return f"its metadata expands to more than {MAX_METADATA_NODES} YAML nodes (aliases)"
+    return None
+
+
+def _expanded_nodes(node: Any, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes of the tree that loading would build, capped just past the budget; a cycle counts as over."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:  # a recursive alias: an infinite structure
+        return MAX_METADATA_NODES + 1
+    open_.add(key)
+    total = 1
+    value = node.value if isinstance(node.value, list) else []
+    for child in value:
+        for part in child if isinstance(child, tuple) else (child,):  # mapping pairs or sequence items
+            total = min(total + _expanded_nodes(part, sizes, open_), MAX_METADATA_NODES + 1)
+    open_.discard(key)
+    sizes[key] = total
+    return total
+
+
 def _parse_original(text: str | None) -> tuple[dict[str, Any], str]:
-    """(metadata dict, text below the metadata header); a card whose header is not valid YAML is text."""
+    """(metadata dict, text below the metadata header); a card whose header is not valid YAML is text,
+    one whose metadata is too large or expands too far is its text without the header."""
     if not text or not text.strip():
         return {}, ""
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    if not REGEX_YAML_BLOCK.search(text):  # no header (ModelCard would log a warning: we never print)
+    match = REGEX_YAML_BLOCK.search(text)
+    if not match:  # no header (ModelCard would log a warning: we never print)
         return {}, text
+    if metadata_problem(text):
+        return {}, text[match.end() :]
     try:
         card = ModelCard(text, ignore_metadata_errors=True)
     except Exception:  # yaml.YAMLError or a non-mapping header: keep every byte as text rather than guess
@@ -165,8 +237,8 @@ def _next_steps(facts: CardFacts) -> str:
         "## Check and train\n\n```bash\n"
         "# the expanded model computes exactly what the original does (logits bit for bit)\n"
         f"llamapro verify-identity --in {facts.source} --out {ref}\n"
-        "# which parameters to train (the new layers), for your trainer: peft, axolotl, llama-factory, ...\n"
-        f"llamapro freeze-map {ref} --format peft\n"
+        "# which parameters to train (the new layers, fully), for your trainer: hf, axolotl, swift, ...\n"
+        f"llamapro freeze-map {ref} --format hf\n"
         f"{audit}```\n"
     )
 

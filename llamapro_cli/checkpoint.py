@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,28 +22,14 @@ from typing import Any
 from llamapro_cli.architectures.record import Family
 from llamapro_cli.architectures.registry import extra_layers, family_for, num_layers
 from llamapro_cli.errors import InputError, UnsupportedError
+from llamapro_cli.folder import check_within, resolve
 from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME, SINGLE_NAME, read_json
 from llamapro_cli.io.header import Header, TensorInfo, read_header
-from llamapro_cli.io.outdir import is_partial
 from llamapro_cli.io.ranges import read_chunks, read_range
 from llamapro_cli.provenance import Provenance, RecordError
 
 # headers by shard file, weight_map (tensor -> shard), sharded?, index metadata
 Weights = tuple[dict[str, Header], dict[str, str], bool, dict[str, Any]]
-# What a hub download needs: weights, config, index, provenance, and the files `expand` carries over.
-HUB_ALLOW_PATTERNS = [
-    "*.json",
-    "*.safetensors",
-    "*.model",
-    "*.tiktoken",
-    "*.txt",
-    "*.jinja",
-    "*.md",
-    "LICENSE*",
-    "NOTICE*",
-    "USE_POLICY*",
-]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -184,74 +169,8 @@ def _short(values: list[int]) -> str:
     return ", ".join(map(str, values[:8])) + (", …" if len(values) > 8 else "")
 
 
-def resolve(
-    source: str | Path, *, revision: str | None = None, local_only: bool = False
-) -> tuple[Path, str | None]:
-    """A local folder, or a hub repo id resolved to its snapshot folder (downloaded when online).
-
-    `local_only` (or HF_HUB_OFFLINE=1) never touches the network: the repo must be in the hub cache.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if is_partial(path.resolve()):
-            raise InputError(
-                f"{path} is the temporary folder of an unfinished llamapro expand, not a checkpoint",
-                hint="it was interrupted or is still running; rerun expand to the same --out",
-            )
-        return path.resolve(), None
-    if path.exists():
-        raise InputError(f"{path} is a file; expected a checkpoint folder or a hub repo id")
-    text = str(source)
-    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
-        raise InputError(f"{path}: no such folder", hint="give a checkpoint folder or a hub repo id org/name")
-    return _snapshot(text, revision, local_only=local_only or hub_offline()), text
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
-    import huggingface_hub.constants
-
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is None:
-        return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _snapshot(repo_id: str, revision: str | None, *, local_only: bool) -> Path:
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=local_only
-        )
-    except LocalEntryNotFoundError as e:
-        raise InputError(
-            f"{repo_id}: not in the local hub cache and the hub cannot be reached",
-            hint="download it first (hf download) or unset HF_HUB_OFFLINE",
-        ) from e
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise InputError(f"{repo_id}: cannot resolve on the hub: {_first_line(e)}") from e
-    return Path(folder)
-
-
-def within_checkpoint(root: Path, path: Path) -> bool:
-    """Whether `path`, links followed, stays inside the checkpoint folder `root` (or, for a hub cache
-    snapshot, in that repo's `blobs/`). Files copied verbatim into an output must: a link in a
-    downloaded folder could otherwise smuggle any local file (a key, a token) into a model upload."""
-    target = path.resolve()
-    areas = [root.resolve()]
-    if areas[0].parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev> -> ../../blobs/
-        areas.append(areas[0].parent.parent / "blobs")
-    return any(target.is_relative_to(area) for area in areas)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 def _read_config(root: Path) -> tuple[dict[str, Any], str]:
+    check_within(root, root / "config.json", "the model config")
     config, raw = read_json(root / "config.json", "the model config")
     if not isinstance(config, dict):
         raise InputError(f"{root / 'config.json'}: not a JSON object")
@@ -292,6 +211,7 @@ def _read_provenance(root: Path) -> Provenance | None:
     path = root / PROVENANCE_NAME
     if not path.exists():
         return None
+    check_within(root, path, "the llamapro provenance record")  # nested into the output's record
     record, _ = read_json(path, "the llamapro provenance record")
     try:
         return Provenance.from_json(record)
@@ -314,6 +234,7 @@ def _read_weights(root: Path) -> Weights:
     if single.exists():
         if not single.is_file():
             raise InputError(f"{single} is not a regular file")
+        check_within(root, single, "the weights")
         header = read_header(single)
         return {SINGLE_NAME: header}, dict.fromkeys(header.tensors, SINGLE_NAME), False, {}
     _refuse_other_formats(root)
@@ -337,6 +258,7 @@ def _refuse_other_formats(root: Path) -> None:
 def _read_sharded(
     root: Path, index_path: Path
 ) -> tuple[dict[str, Header], dict[str, str], bool, dict[str, Any]]:
+    check_within(root, index_path, "the shard index")
     index, _ = read_json(index_path, "the shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -349,6 +271,7 @@ def _read_sharded(
             raise InputError(f"{index_path}: names shard {shard}, which does not exist")
         if not shard_path.is_file():
             raise InputError(f"{index_path}: names shard {shard}, which is not a regular file")
+        check_within(root, shard_path, "a shard")
         headers[shard] = read_header(shard_path)
     cross_check(index_path, weight_map, headers)
     meta = index.get("metadata")

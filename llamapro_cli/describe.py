@@ -13,8 +13,8 @@ from typing import Any
 
 from llamapro_cli.architectures.layers import layer_kinds, pattern_warnings
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.expand import ShardSummary
 from llamapro_cli.provenance import Provenance
+from llamapro_cli.shards import ShardSummary
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Every output tensor is either a byte range of an input shard (an original layer,
 non-block tensor) or zeros (the branch-final tensors of an identity copy). Nothing is decoded, so any
 dtype works and memory stays at the size of the headers. The output is written into a temporary
 sibling folder `<out>.partial-<random>` (with a marker naming the pid) and renamed into place only when
-complete; any error, SIGINT or SIGTERM removes it.
+complete; any error, SIGINT, SIGTERM or SIGHUP removes it. Each source shard is opened once per run
+(`io.sources`): a shard replaced or rewritten while the run reads it stops the run (exit 3).
 
 Invariant: the input is only ever opened read-only; the output either appears complete or not at all.
 Must not: print, import torch or transformers.
@@ -12,11 +13,6 @@ Must not: print, import torch or transformers.
 
 from __future__ import annotations
 
-import fnmatch
-import json
-import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -26,49 +22,30 @@ from typing import Any
 
 from llamapro_cli.architectures.registry import renumber_extra
 from llamapro_cli.architectures.rewrite import rewrite_config
-from llamapro_cli.card import CardFacts, write_model_card
-from llamapro_cli.checkpoint import Checkpoint, within_checkpoint
-from llamapro_cli.errors import InputError, OutputError, UsageError
+from llamapro_cli.card import CardFacts, read_card_source, write_model_card
+from llamapro_cli.checkpoint import Checkpoint
+from llamapro_cli.companions import carried_size, carry, companions
+from llamapro_cli.errors import InputError
+from llamapro_cli.folder import within_checkpoint
 from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
 from llamapro_cli.io.header import OutTensor, header_bytes
 from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
-from llamapro_cli.io.writer import write_shard
+from llamapro_cli.io.sources import SourceFiles
+from llamapro_cli.io.writer import space_needed, write_shard
 from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, plan_expansion
 from llamapro_cli.provenance import ALGORITHM, SCHEMA_VERSION, Digests, PlanRecord, Provenance, SourceRecord
+from llamapro_cli.shards import (
+    Shards,
+    ShardSummary,
+    parse_size,
+    sha256_json,
+    split_shards,
+    write_index,
+    write_json,
+)
 from llamapro_cli.version import __version__
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-# Files carried over into the output (design.md §3). Everything else is listed, not copied.
-CARRY_PATTERNS = (
-    "tokenizer*",
-    "*.tiktoken",
-    "vocab.*",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template*",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-    "LICENSE*",
-    "NOTICE*",
-    "USE_POLICY*",
-)
-# Files the output gets from us, never from the input (README.md is the model card, `card.py`).
-_OWN_FILES = re.compile(
-    r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|README\.md)$"
-)
-
-
-@dataclass(frozen=True)
-class ShardSummary:
-    """One safetensors file of a checkpoint (written, or read by `inspect`): name, tensor count, file size."""
-
-    name: str
-    tensors: int
-    bytes: int
 
 
 @dataclass(frozen=True)
@@ -92,25 +69,9 @@ class ExpandReport:
     carried: tuple[str, ...]
     not_copied: tuple[str, ...]
     warnings: tuple[str, ...]
-    free_space: int
+    free_space: int | None  # None: the filesystem reports no capacity (ramfs), so it is unknown
     digests: bool
     seconds: float
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal and binary units, like huggingface_hub)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"--max-shard-size {text!r} is not a size", hint="e.g. 5GB, 500MB, 2GiB")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = "BKMGT".index(unit[0])
-    size = int(float(m.group(1)) * base**power)
-    if size < 1:
-        raise UsageError(f"--max-shard-size {text!r} must be positive")
-    return size
 
 
 def expand(
@@ -136,19 +97,27 @@ def expand(
     `hub_repo_id`: the repo the output will be pushed to, so the model card's commands name it.
     """
     started = time.monotonic()
+    out_path = Path(out).expanduser().absolute()
+    local = None if isinstance(source, Checkpoint) else Path(source).expanduser()
+    if local is not None and local.is_dir():
+        check_disjoint(local, out_path)  # before a byte is read: no input file may lead into --out
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, revision=revision)
     plan = plan_expansion(
         ckpt.num_layers, every=every, copies=copies, after=after, add=add, placement=placement
     )
-    out_path = Path(out).expanduser().absolute()
-    check_disjoint(ckpt.root, out_path)
+    check_disjoint(ckpt.root, out_path)  # the folder a repo id resolved to, too (hub cache links)
     job = _prepare(ckpt, plan, out_path, parse_size(max_shard_size), command)
     notes: list[str] = []  # leftovers of killed runs found beside --out (outdir's sweep)
+    engines: dict[str, str] = {}  # shard name -> the engine that wrote it
     if not dry_run:
-        with atomic_output(out_path, force=force, need_bytes=job.bytes_to_write, notes=notes.append) as tmp:
-            _write(job, tmp, digests=digests, progress=progress)
+        # On a filesystem that shares extents, only what the clone engine writes needs free space.
+        need = space_needed([ts for _, ts in job.shards], job.metadata(), out_path.parent)
+        need += carried_size(job.ckpt.root, job.carried)
+        with atomic_output(out_path, force=force, need_bytes=need, notes=notes.append) as tmp:
+            engines = _write(job, tmp, digests=digests, progress=progress)
             write_model_card(tmp / "README.md", _card_facts(job, digests=digests, hub_repo_id=hub_repo_id))
-    report = job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=time.monotonic() - started)
+    seconds = time.monotonic() - started
+    report = job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=seconds, engines=engines)
     return replace(report, warnings=report.warnings + tuple(notes)) if notes else report
 
 
@@ -160,30 +129,32 @@ class _Job:
     plan: ExpansionPlan
     out: Path
     config: dict[str, Any]
-    shards: tuple[tuple[str, tuple[OutTensor, ...]], ...]
+    shards: Shards
     zeroed: tuple[str, ...]
     carried: tuple[str, ...]
     not_copied: tuple[str, ...]
     warnings: tuple[str, ...]
     command: str | None
+    card_source: str | None  # the input's README.md text, when it is merged into the model card
 
     @property
     def bytes_to_write(self) -> int:
         return sum(t.nbytes for _, tensors in self.shards for t in tensors if t.source is not None)
 
     def metadata(self) -> dict[str, str]:
-        first = next(iter(self.ckpt.headers.values()))
-        meta = {k: v for k, v in first.metadata.items() if not k.startswith("llamapro")}
-        meta.setdefault("format", "pt")  # transformers 4 refuses shards without it
-        meta["llamapro_version"] = __version__
-        meta["llamapro_layers"] = f"{self.plan.num_layers_in}->{self.plan.num_layers_out}"
-        meta["llamapro_provenance_sha256"] = "0" * 64  # placeholder of the real length, set in _write
-        return meta
+        return job_metadata(self.ckpt, self.plan)
 
-    def report(self, *, dry_run: bool, digests: bool, seconds: float) -> ExpandReport:
+    def report(
+        self, *, dry_run: bool, digests: bool, seconds: float, engines: dict[str, str]
+    ) -> ExpandReport:
         meta = self.metadata()
         shard_reports = tuple(
-            ShardSummary(name, len(ts), len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts))
+            ShardSummary(
+                name,
+                len(ts),
+                len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts),
+                engines.get(name),
+            )
             for name, ts in self.shards
         )
         return ExpandReport(
@@ -210,6 +181,17 @@ class _Job:
         )
 
 
+def job_metadata(ckpt: Checkpoint, plan: ExpansionPlan) -> dict[str, str]:
+    """Each output shard's `__metadata__`: the source's string entries plus our few keys."""
+    first = next(iter(ckpt.headers.values()))
+    meta = {k: v for k, v in first.metadata.items() if not k.startswith("llamapro")}
+    meta.setdefault("format", "pt")  # transformers 4 refuses shards without it
+    meta["llamapro_version"] = __version__
+    meta["llamapro_layers"] = f"{plan.num_layers_in}->{plan.num_layers_out}"
+    meta["llamapro_provenance_sha256"] = "0" * 64  # placeholder of the real length, set in _write
+    return meta
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -219,7 +201,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _card_facts(job: _Job, *, digests: bool, hub_repo_id: str | None) -> CardFacts:
     ckpt = job.ckpt
-    readme = ckpt.root / "README.md"
     return CardFacts(
         name=hub_repo_id.split("/")[-1] if hub_repo_id else job.out.name,
         model_ref=hub_repo_id or f"./{job.out.name}",
@@ -232,22 +213,19 @@ def _card_facts(job: _Job, *, digests: bool, hub_repo_id: str | None) -> CardFac
         parameters_in=ckpt.parameter_count(),
         parameters_out=sum(_numel(t.shape) for _, ts in job.shards for t in ts),
         digests=digests,
-        original=_read_text(readme) if readme.is_file() and within_checkpoint(ckpt.root, readme) else None,
+        original=job.card_source,
     )
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {os.strerror(e.errno or 0)}") from e
 
 
 def _prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, command: str | None) -> _Job:
     config, config_warnings = rewrite_config(ckpt.family, ckpt.config, plan)
     tensors, zeroed = _tensor_ops(ckpt, plan)
-    shards = _split(tensors, max_shard)
-    carried, not_copied = _companions(ckpt.root)
+    shards = split_shards(tensors, max_shard)
+    found = companions(ckpt.root)
+    readme = ckpt.root / "README.md"
+    inside = readme.is_file() and within_checkpoint(ckpt.root, readme)
+    card_source, card_warnings = read_card_source(readme) if inside else (None, [])
+    _check_headers(shards, job_metadata(ckpt, plan), out)
     return _Job(
         ckpt=ckpt,
         plan=plan,
@@ -255,11 +233,23 @@ def _prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, c
         config=config,
         shards=shards,
         zeroed=tuple(zeroed),
-        carried=tuple(carried),
-        not_copied=tuple(not_copied),
-        warnings=plan.warnings + tuple(config_warnings),
+        carried=found.carried,
+        not_copied=found.not_copied,
+        warnings=plan.warnings + tuple(config_warnings) + found.warnings + tuple(card_warnings),
         command=command,
+        card_source=card_source,
     )
+
+
+def _check_headers(
+    shards: tuple[tuple[str, tuple[OutTensor, ...]], ...], meta: dict[str, str], out: Path
+) -> None:
+    """Every output header within the safetensors size cap, before a byte is written (and in a dry run)."""
+    for name, tensors in shards:
+        try:
+            header_bytes(tensors, meta, None)
+        except InputError as e:
+            raise InputError(f"{out / name}: {e.message}", hint=e.hint) from e
 
 
 def _tensor_ops(ckpt: Checkpoint, plan: ExpansionPlan) -> tuple[list[OutTensor], list[str]]:
@@ -294,40 +284,7 @@ def _copy(ckpt: Checkpoint, src: str, dst: str) -> OutTensor:
     return OutTensor(dst, info.dtype, info.shape, source=path, offset=offset)
 
 
-def _split(tensors: list[OutTensor], max_shard: int) -> tuple[tuple[str, tuple[OutTensor, ...]], ...]:
-    from huggingface_hub import split_state_dict_into_shards_factory
-
-    by_name = {t.name: t for t in tensors}
-    split = split_state_dict_into_shards_factory(
-        by_name,
-        get_storage_size=lambda t: t.nbytes,
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard,
-    )
-    return tuple(
-        (fname, tuple(by_name[n] for n in names)) for fname, names in split.filename_to_tensors.items()
-    )
-
-
-def _companions(root: Path) -> tuple[list[str], list[str]]:
-    carried: list[str] = []
-    not_copied: list[str] = []
-    for entry in sorted(root.iterdir()):
-        name = entry.name
-        if name.startswith(".") or _OWN_FILES.match(name) or name == PROVENANCE_NAME:
-            continue
-        if (
-            entry.is_file()
-            and any(fnmatch.fnmatch(name, p) for p in CARRY_PATTERNS)
-            and within_checkpoint(root, entry)  # never carry a link to a file outside the folder
-        ):
-            carried.append(name)
-        else:
-            not_copied.append(name + ("/" if entry.is_dir() else ""))
-    return carried, not_copied
-
-
-def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> None:
+def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> dict[str, str]:
     total = job.bytes_to_write + sum(t.nbytes for _, ts in job.shards for t in ts if t.source is None)
     done = 0
 
@@ -339,42 +296,38 @@ def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) ->
 
     meta = job.metadata()
     record = _provenance(job)
-    meta["llamapro_provenance_sha256"] = _sha256_json(record.to_json())
+    meta["llamapro_provenance_sha256"] = sha256_json(record.to_json())
     hashes: dict[str, str] = {}
-    for name, tensors in job.shards:
-        # align=None: header padded so the direct-I/O engine reads most tensors straight into place.
-        hashes.update(write_shard(tmp / name, tensors, meta, digests=digests, progress=step, align=None))
+    engines: dict[str, str] = {}
+    known: dict[tuple[Path, int, int], str] = {}  # each source range is hashed once, for every shard
+    stamps = {h.path: h.stamp for h in job.ckpt.headers.values() if h.stamp is not None}
+    with SourceFiles(stamps) as sources:
+        sources.open_all()  # each source once per run: the very files whose headers were read
+        for name, tensors in job.shards:
+            # align=None: header padded so that copied bytes keep their source's block phase (cloned,
+            # or read straight into place by the direct-I/O engine).
+            written = write_shard(
+                tmp / name,
+                tensors,
+                meta,
+                digests=digests,
+                progress=step,
+                align=None,
+                known=known,
+                sources=sources,
+            )
+            hashes.update(written.digests)
+            engines[name] = written.engine.value
+            sources.verify()  # a source changed during this shard: stop before anything is published
     if len(job.shards) > 1:
-        _write_index(tmp / INDEX_NAME, job)
-    _write_json(tmp / "config.json", job.config)
+        write_index(tmp / INDEX_NAME, job.shards)
+    write_json(tmp / "config.json", job.config)
     if digests:
         record = replace(record, digests=Digests(ALGORITHM, hashes))
-    _write_json(tmp / PROVENANCE_NAME, record.to_json())
+    write_json(tmp / PROVENANCE_NAME, record.to_json())
     for name in job.carried:
-        _carry(job.ckpt.root / name, tmp / name)
-
-
-def _carry(src: Path, dst: Path) -> None:
-    """Copy a companion file (following hub-cache symlinks); I/O errors name the failing side."""
-    try:
-        with open(src, "rb") as fsrc:
-            try:
-                with open(dst, "xb") as fdst:
-                    shutil.copyfileobj(fsrc, fdst)
-            except OSError as e:  # OutputError is no OSError: it passes the handler below
-                raise OutputError(f"cannot write {dst}: {os.strerror(e.errno or 0)}") from e
-    except OSError as e:
-        raise InputError(f"cannot read {src}: {os.strerror(e.errno or 0)}") from e
-
-
-def _write_index(path: Path, job: _Job) -> None:
-    # total_size counts tensor bytes only, as transformers and huggingface_hub write it.
-    total = sum(t.nbytes for _, ts in job.shards for t in ts)
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {t.name: name for name, ts in job.shards for t in ts},
-    }
-    _write_json(path, index)
+        carry(job.ckpt.root, job.ckpt.root / name, tmp / name)
+    return engines
 
 
 def _provenance(job: _Job) -> Provenance:
@@ -399,24 +352,3 @@ def _provenance(job: _Job) -> Provenance:
         zeroed=job.zeroed,
         parent=ckpt.provenance,
     )
-
-
-def _sha256_json(record: dict[str, Any]) -> str:
-    """sha256 of the provenance record as written, with `digests` null (they are computed later)."""
-    import hashlib
-
-    return hashlib.sha256(_json_text(record).encode()).hexdigest()
-
-
-def _json_text(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    try:
-        with open(path, "x", encoding="utf-8") as f:
-            f.write(_json_text(data))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {os.strerror(e.errno or 0)}") from e

@@ -29,16 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamapro_cli.checkpoint import (
-    Checkpoint,
-    cross_check,
-    hub_offline,
-    resolve,
-)
+from llamapro_cli.checkpoint import Checkpoint, cross_check
 from llamapro_cli.errors import InputError, OutputError, UsageError
+from llamapro_cli.folder import check_within, hub_offline, hub_reachable, refuse_missing_path, resolve
 from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
 from llamapro_cli.io.header import DTYPE_BITS, Header, TensorInfo, tensor_nbytes
-from llamapro_cli.io.outdir import MARKER, is_partial
+from llamapro_cli.io.leftovers import MARKER
+from llamapro_cli.io.manifest import MANIFEST
+from llamapro_cli.io.outdir import is_partial
 from llamapro_cli.version import __version__
 
 # Exception class names (anywhere in the MRO) that mean "the hub cannot be reached", across the
@@ -59,6 +57,9 @@ def open_for_inspect(source: str | Path, *, revision: str | None = None) -> Chec
     """A folder as `Checkpoint.open` reads it; a repo id from its remote headers (no weights downloaded)."""
     if Path(source).expanduser().exists() or hub_offline():
         return Checkpoint.open(source, revision=revision)
+    refuse_missing_path(str(source))  # a mistyped local path fails at once, before any network call
+    if not hub_reachable():
+        return cached_checkpoint(str(source), revision=revision)
     repo_id = str(source)
     try:
         _validate_repo_id(repo_id)
@@ -157,7 +158,11 @@ def _tensor(where: str, name: str, info: Any) -> TensorInfo:
     begin, end = (int(x) for x in info.data_offsets)
     if dtype not in DTYPE_BITS:
         raise InputError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not 0 <= begin <= end or tensor_nbytes(dtype, shape) != end - begin:
+    try:
+        nbytes = tensor_nbytes(dtype, shape)  # as the safetensors library validates it
+    except ValueError as e:
+        raise InputError(f"{where}: tensor {name!r}: {e}") from e
+    if not 0 <= begin <= end or nbytes != end - begin:
         raise InputError(f"{where}: tensor {name!r}: {dtype} shape {shape} does not match its offsets")
     return TensorInfo(name, dtype, shape, begin, end)
 
@@ -250,6 +255,8 @@ def push_folder(
     path = _complete_output(Path(folder))
     check_can_push(repo_id)
     files = [p for p in sorted(path.rglob("*")) if p.is_file() and not _ignored(p.relative_to(path))]
+    for file in files:  # never upload a file from outside the folder through a link placed in it
+        check_within(path, file, "a file to upload")
     message = commit_message or f"Upload {path.name} (expanded by llamapro {__version__})"
     api = huggingface_hub.HfApi()
     with _upload_errors(repo_id):
@@ -278,10 +285,22 @@ def _upload(
     if large is not None:  # resumable: many commits, progress kept in <folder>/.cache/huggingface
         # Its periodic report is printed on stdout, which carries only our data: send it to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            large(repo_id=repo_id, folder_path=folder, repo_type="model", revision=branch, private=private)
+            large(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                revision=branch,
+                private=private,
+                ignore_patterns=[MANIFEST],
+            )
         return "upload_large_folder", None
     info = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type="model", revision=branch, commit_message=message
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type="model",
+        revision=branch,
+        commit_message=message,
+        ignore_patterns=[MANIFEST],  # our record of what expand wrote, for --force; not the model's
     )
     return "upload_folder", getattr(info, "oid", None)
 
@@ -306,8 +325,9 @@ def _complete_output(folder: Path) -> Path:
 
 
 def _ignored(relative: Path) -> bool:
-    # What huggingface_hub skips by default (.git, its own .cache/huggingface), so counts match the upload.
-    return any(part in {".git", ".cache"} for part in relative.parts)
+    # What huggingface_hub skips by default (.git, its own .cache/huggingface) and our --force record,
+    # so counts match the upload.
+    return any(part in {".git", ".cache"} for part in relative.parts) or relative.name == MANIFEST
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ COMMANDS = (
     "verify-identity",
     "freeze-map",
     "verify-frozen",
+    "merge-adapter",
     "push",
     "demo-checkpoint",
 )
@@ -79,10 +80,16 @@ def _folder_digests(folder: Path, root: Path) -> str:
         rel = path.relative_to(folder)
         if path.suffix == ".safetensors":
             digest = _shard_digest(path)
+        elif path.name == ".llamapro-files.json":  # the record of what expand wrote: names and sizes
+            files = json.loads(path.read_text())["files"]
+            canon = json.dumps({name: entry["size"] for name, entry in sorted(files.items())})
+            digest = hashlib.sha256(canon.encode()).hexdigest()
         elif path.name == "llamapro.json":
             doc = _scrub_json(json.loads(path.read_text()))
             canon = _normalise(json.dumps(doc), root)
             digest = hashlib.sha256(canon.encode()).hexdigest()
+        elif path.name == ".llamapro-files.json":  # sizes, mtimes, hashes: what --force may remove
+            digest = "files " + ",".join(sorted(json.loads(path.read_text())["files"]))
         elif path.name == "README.md":
             digest = hashlib.sha256(_normalise(path.read_text(), root).encode()).hexdigest()
         else:
@@ -101,6 +108,9 @@ def transcript() -> str:
             "TERM": "dumb",
             "MKL_CBWR": "AUTO,STRICT",
             "HF_HUB_OFFLINE": "1",
+            # Plain progress lines appear only in runs longer than the interval: on a loaded machine that
+            # depends on the load, so the transcript records none.
+            "LLAMAPRO_PROGRESS_INTERVAL": "1e9",
         }
         env.pop("LLAMAPRO_DEBUG", None)
         out: list[str] = []
@@ -143,6 +153,7 @@ def transcript() -> str:
         run("verify-identity", "--out", "pro2", "--json")
         run("verify-identity", "--out", "pro", "--engine", "native", "--json")
         run("verify-frozen", "--map", "pro", "--trained", "pro2")
+        run("verify-frozen", "--map", "pro", "--trained", "pro2", "--report", "--quiet")  # no progress lines
         run("verify-frozen", "--map", "pro2", "--trained", "pro2", "--json")
         run("inspect", "no-such-folder")
         run("expand", "--every", "0", "--in", "base", "--out", "bad")

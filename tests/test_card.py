@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
-from llamapro_cli.card import CardFacts, card_data, model_card, plan_options
+from llamapro_cli.card import MAX_CARD_SIZE, CardFacts, card_data, metadata_problem, model_card, plan_options
 from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.plan import plan_expansion
@@ -108,7 +109,7 @@ def test_card_body_says_how_it_was_made(demo: Path, tmp_path: Path) -> None:
     assert "0 1 2 3 [3] 4 5 6 7 [7]" in text
     assert f"```bash\nllamapro expand --every 4 --in {src} --out {tmp_path / 'pro'} --json\n```" in text
     assert f"llamapro verify-identity --in {src} --out ./pro" in text
-    assert "llamapro freeze-map ./pro --format peft" in text
+    assert "llamapro freeze-map ./pro --format hf" in text
     assert "verify-frozen" not in text  # only offered when digests were recorded
     # The original card's text, below its heading, without its YAML header.
     original = text.split("## Original model card\n", 1)[1]
@@ -138,6 +139,51 @@ def test_no_readme_and_broken_yaml(demo: Path, tmp_path: Path) -> None:
     card = ModelCard.load(tmp_path / "broken-pro" / "README.md")
     assert "license" not in card.data.to_dict()
     assert broken.strip() in card.text  # kept verbatim rather than half-parsed
+
+
+def alias_bomb(levels: int) -> str:
+    """A card whose 9-way nested YAML aliases expand to 9**levels strings (a "billion laughs")."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "---\nlicense: mit\n" + "\n".join(lines) + "\n---\n# Bomb\n\nThe card's text.\n"
+
+
+@pytest.mark.parametrize("levels", [8, 10])
+def test_yaml_alias_bombs_in_the_input_card_are_not_expanded(demo: Path, tmp_path: Path, levels: int) -> None:
+    # 8 levels took 100 s and wrote a 45 MB card; 10 never finished. The expanded size is known from the
+    # node graph before anything is loaded: the metadata is left out, the text kept, and the run says so.
+    src = _with_card(demo, tmp_path / "bomb", alias_bomb(levels))
+    out = tmp_path / "pro"
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["expand", "--every", "4", "--in", str(src), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert time.monotonic() - started < 20
+    assert "expands to more than" in result.stderr and "without its metadata" in result.stderr
+    assert (out / "README.md").stat().st_size < 20_000
+    card = ModelCard.load(out / "README.md")
+    assert "license" not in card.data.to_dict() and "l0" not in card.data.to_dict()
+    assert "The card's text." in card.text and "*l1" not in card.text
+
+
+def test_small_aliases_in_a_card_are_still_merged() -> None:
+    # Aliases are not refused as such: a card that reuses a small block keeps its metadata.
+    text = "---\nlicense: mit\ndatasets: &d [a, b]\nextra_datasets: *d\n---\n# Title\n"
+    assert metadata_problem(text) is None
+    card = ModelCard(str(model_card(_facts(original=text))))
+    assert card.data.to_dict()["license"] == "mit"
+
+
+def test_a_huge_input_card_is_left_out_unread(demo: Path, tmp_path: Path) -> None:
+    # A 6 GiB (sparse) README.md: refused by its size, never read, and said so; the output has our card.
+    src = _with_card(demo, tmp_path / "huge", None)
+    with open(src / "README.md", "wb") as f:
+        f.truncate(6 << 30)
+    out = tmp_path / "pro"
+    result = CliRunner().invoke(app, ["expand", "--every", "4", "--in", str(src), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert f"over {MAX_CARD_SIZE} bytes; the model card leaves it out" in result.stderr
+    text = (out / "README.md").read_text()
+    assert "## How it was made" in text and "## Original model card" not in text
 
 
 def _facts(**kw: object) -> CardFacts:
@@ -171,7 +217,7 @@ def test_hub_input_sets_base_model() -> None:
     # No command recorded (a library call): the card shows the equivalent one.
     assert "llamapro expand --every 4 --in meta-llama/Llama-2-7b-hf --out me/Llama-2-7b-pro" in card.text
     assert "| original | 32 | 6.74B (6,738,415,616) |" in card.text
-    assert "llamapro freeze-map me/Llama-2-7b-pro --format peft" in card.text
+    assert "llamapro freeze-map me/Llama-2-7b-pro --format hf" in card.text
 
 
 def test_card_data_tags_and_plan_options() -> None:

@@ -5,10 +5,14 @@ examples as data, closed choices as the library's enums, and one way to write a 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import json
+import os
+import pty
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -260,3 +264,275 @@ def test_library_modules_never_import_the_cli() -> None:
         assert not [m for m in imported if m.startswith("llamapro_cli.cli")], path
     for path in (package / "cli").glob("*.py"):
         assert len(path.read_text(encoding="utf-8").splitlines()) <= 400, path
+
+
+# --- output meant for pipes and terminals -----------------------------------------------------------------
+
+
+def _piped(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI as a shell pipeline runs it: stdout and stderr are pipes, the terminal is 40 columns."""
+    return subprocess.run(
+        [sys.executable, "-m", "llamapro_cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "40", **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _on_a_terminal(*args: str, env: dict[str, str]) -> bytes:
+    """stdout of the CLI when stdout is a terminal (a pseudo-terminal), as the terminal receives it."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamapro_cli", *args],
+        stdout=secondary,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", **env},
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert proc.wait(timeout=60) == 0
+    return b"".join(chunks)
+
+
+def test_piped_tables_have_whole_rows_and_no_trailing_spaces(demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pro"
+    assert _piped("expand", "--every", "4", "--in", str(demo), "--out", str(out), "-q").returncode == 0
+    for args in (
+        ["inspect", str(out)],
+        ["inspect", str(demo)],
+        ["expand", "--every", "2", "--in", str(demo), "--out", str(tmp_path / "dry"), "--dry-run"],
+    ):
+        proc = _piped(*args)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines and all(line == line.rstrip() for line in lines), args
+        assert not any(line.startswith(" ") for line in lines), args  # no wrapped continuation
+    table = _piped("inspect", str(out)).stdout
+    expanded = next(line for line in table.splitlines() if line.startswith("expanded "))
+    assert expanded.endswith("(--every 4); new layers (new<-source): 4<-3, 9<-7")
+    assert "checkpoint       " + str(out) + "\n" in table  # keys padded to one column, two spaces apart
+
+
+def test_no_color_removes_all_styling_on_a_terminal(demo: Path) -> None:
+    styled = _on_a_terminal("inspect", str(demo), env={})
+    assert b"\x1b[1m" in styled  # bold keys on a colour terminal: the check below can see styling
+    plain = _on_a_terminal("inspect", str(demo), env={"NO_COLOR": "1"})
+    assert b"\x1b" not in plain and b"tied embeddings" in plain
+
+
+def test_prompt_input_is_counted_in_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    from llamapro_cli.cli.verify import render_identity
+    from llamapro_cli.verify.identity import IdentityReport, Verdict
+
+    values: dict[str, Any] = {f.name: None for f in dataclasses.fields(IdentityReport)}
+    values.update(
+        verdict=Verdict.IDENTICAL,
+        expanded="pro",
+        base="base",
+        architecture="llama",
+        num_layers_in=8,
+        num_layers_out=10,
+        new_layers=(4, 9),
+        mapping="llamapro.json",
+        engine="native",
+        device="cpu",
+        dtype="bfloat16",
+        input="prompt",
+        seed=None,
+        tokens=15,
+        prefill=7,
+        decode_steps=8,
+        atol=0.0,
+        full_max_abs=0.0,
+        cached_max_abs=0.0,
+        greedy_tokens_equal=True,
+        warnings=(),
+        seconds=1.0,
+        peak_rss_bytes=1,
+    )
+    render_identity(IdentityReport(**values))
+    shown = capsys.readouterr().out
+    assert re.search(r"^input +15 prompt tokens: prefill 7, then 8 cached", shown, flags=re.M), shown
+    render_identity(IdentityReport(**{**values, "input": "random token ids", "seed": 0, "tokens": 32}))
+    assert "32 random token ids, seed 0: prefill" in capsys.readouterr().out
+
+
+def test_a_shard_over_max_shard_size_gets_a_note(demo: Path, tmp_path: Path) -> None:
+    args = ["expand", "--every", "4", "--in", str(demo), "--max-shard-size"]
+    # The embedding (1024 x 256 bf16, 512 KiB) and the head are larger than 520KB: a shard each.
+    written = CliRunner().invoke(app, [*args, "520KB", "--out", str(tmp_path / "a")])
+    assert written.exit_code == 0, written.stderr
+    assert re.search(
+        r"^note: 2 shards are over --max-shard-size 520KB \(the largest: model-\d+-of-\d+\.safetensors, "
+        r"528\.\d\d KB\): a tensor larger than the limit gets a shard of its own",
+        written.stderr,
+        flags=re.M,
+    ), written.stderr
+    sizes = [p.stat().st_size for p in (tmp_path / "a").glob("model-*.safetensors")]
+    assert sum(size > 520_000 for size in sizes) == 2
+    dry = CliRunner().invoke(app, [*args, "520KB", "--out", str(tmp_path / "b"), "--dry-run"])
+    assert "note: 2 shards would be over --max-shard-size 520KB" in dry.stderr
+    fits = CliRunner().invoke(app, [*args, "5GB", "--out", str(tmp_path / "c"), "--dry-run"])
+    assert fits.exit_code == 0 and "note:" not in fits.stderr
+    quiet = CliRunner().invoke(app, [*args, "520KB", "--out", str(tmp_path / "d"), "--dry-run", "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+# --- what reaches the terminal: data is never markup, never raw control bytes; stdout failures --------------
+
+RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what may never come from data (\t, \n may)
+HOSTILE_SHARD = "model-[bold red]x\x1b[31m\r\x07.safetensors"
+
+
+@pytest.fixture(scope="module")
+def hostile(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo, with rich markup in an architecture name and markup plus ESC, CR and BEL in a shard
+    name and in a file name `expand` does not copy."""
+    folder = tmp_path_factory.mktemp("hostile") / "evil"
+    shutil.copytree(demo, folder)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    old = "model-00001-of-00002.safetensors"
+    (folder / old).rename(folder / HOSTILE_SHARD)
+    index["weight_map"] = {k: HOSTILE_SHARD if v == old else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["[/]", "LlamaForCausalLM"]}))
+    (folder / "evil\x1b[2J\x07.bin").write_bytes(b"not a weight")
+    return folder
+
+
+def test_markup_in_names_is_shown_as_text(hostile: Path, tmp_path: Path) -> None:
+    piped = _piped("inspect", str(hostile))
+    assert piped.returncode == 0, piped.stderr
+    assert "(llama; [/], LlamaForCausalLM)" in piped.stdout
+    assert "model-[bold red]x\\x1b[31m\\r\\x07.safetensors  37" in piped.stdout
+    for env in ({}, {"NO_COLOR": "1"}):  # on a terminal rich draws the table: still no markup
+        shown = _on_a_terminal("inspect", str(hostile), env=env)
+        assert b"[/], LlamaForCausalLM" in shown and b"model-[bold red]x\\x1b[31m" in shown
+        assert not re.search(rb"\x1b\[[0-9;]*3[0-9]m", shown)  # no colour: only the keys' bold
+    nested = tmp_path / "in[" / "x]"  # an input path holding `[/x]`, printed after the output is complete
+    shutil.copytree(hostile, nested)
+    out = tmp_path / "out[/x]"
+    out.parent.mkdir(exist_ok=True)
+    for args in (["--dry-run"], []):
+        result = CliRunner().invoke(
+            app, ["expand", "--every", "4", "--in", str(nested), "--out", str(out), *args]
+        )
+        assert result.exit_code == 0, result.stderr
+        assert f"{nested} (llama, 8 layers)" in result.stdout
+    assert _on_a_terminal("inspect", str(out), env={}).count(b"in[/x]") == 1
+
+
+def test_control_characters_in_names_reach_the_terminal_escaped(hostile: Path, tmp_path: Path) -> None:
+    table = _piped("inspect", str(hostile))
+    expanded = _piped("expand", "--every", "4", "--in", str(hostile), "--out", str(tmp_path / "o"))
+    assert expanded.returncode == 0, expanded.stderr
+    assert "evil\\x1b[2J\\x07.bin" in expanded.stderr  # the "not copied" warning
+    missing = _piped("inspect", str(tmp_path / "a\x1b]0;pwned\x07b"))
+    assert missing.returncode == 3
+    assert missing.stderr.startswith(f"error: {tmp_path}/a\\x1b]0;pwned\\x07b")
+    for proc in (table, expanded, missing):
+        assert not RAW_CONTROL.search(proc.stdout + proc.stderr), proc.args
+    forged = _piped("inspect", str(tmp_path / "x\rerror: forged"))
+    assert [line.startswith("error: ") for line in forged.stderr.splitlines()] == [True, False]
+    assert "\r" not in forged.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_stdout_is_exit_4_and_keeps_the_finished_output(demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pro"
+    runs = [
+        ["inspect", str(demo)],
+        ["inspect", str(demo), "--json"],
+        ["expand", "--every", "4", "--in", str(demo), "--out", str(out)],
+        ["--version"],
+        ["--help"],
+    ]
+    for args in runs:
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(
+                [sys.executable, "-m", "llamapro_cli", *args], stdout=full, stderr=subprocess.PIPE, text=True
+            )
+        assert proc.returncode == 4, (args, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert lines[-2:][0] == "error: cannot write to stdout: No space left on device", args
+        assert lines[-1].startswith("hint: ") and "Traceback" not in proc.stderr
+    assert json.loads((out / "llamapro.json").read_text())["num_layers"] == 10  # complete, kept
+    assert CliRunner().invoke(app, ["inspect", str(out)]).exit_code == 0
+
+
+def test_a_reader_that_stops_reading_ends_the_run_quietly(demo: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `llamapro inspect … | head -0`
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamapro_cli", "inspect", str(demo)], stdout=write_end, stderr=subprocess.PIPE
+    )
+    os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, b"")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["expand", "--after", "1," + "9" * 5000], "--after: a 5000-digit number is out of range"),
+        (["expand", "--every", "4", "--max-shard-size", "9" * 400], "--max-shard-size: a 400-digit number"),
+        (["expand", "--every", "4", "--max-shard-size", "9" * 400 + "GB"], "--max-shard-size: a 400-digit"),
+        (
+            ["expand", "--every", "4", "--max-shard-size", "1." + "0" * 40 + "1GB"],
+            "--max-shard-size: a 41-digit",
+        ),
+        (["expand", "--every", "9" * 5000], "--every: a 5000-digit number is out of range"),
+        (["expand", "--add", "-" + "9" * 30], "--add: a 30-digit number is out of range"),
+        (["expand", "--every", "x4"], "--every: 'x4' is not an integer"),
+        (["verify-identity", "--seed", "9" * 20], "--seed: a 20-digit number is out of range"),
+        (["verify-identity", "--tokens", "9" * 4000], "--tokens: a 4000-digit number is out of range"),
+        (["demo-checkpoint", "NEW", "--layers", "9" * 18], "--layers must be 1 to 1024"),
+    ],
+)
+def test_numbers_in_options_are_bounded_usage_errors(
+    demo: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    args = [str(tmp_path / "new") if a == "NEW" else a for a in args]
+    if args[0] == "expand":
+        args += ["--in", str(demo), "--out", str(tmp_path / "o")]
+    if args[0] == "verify-identity":
+        args += ["--out", str(demo)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith(f"error: {message}") and len(result.stderr) < 300
+    assert result.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_guide_shows_what_the_demo_prints(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
+    section = page.split("## The same on the demo checkpoint", 1)[1]
+    block = re.search(r"```text\n(.*?)```", section, flags=re.S)
+    assert block is not None
+    work = tmp_path / "work"
+    work.mkdir()
+    shown = []
+    for command in re.findall(r"^\$ llamapro (.+)$", block.group(1), flags=re.M):
+        proc = subprocess.run(
+            [sys.executable, "-m", "llamapro_cli", *shlex.split(command)],
+            cwd=work,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # interleaved as on a terminal: each stream is written unbuffered
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"},
+        )
+        shown.append(f"$ llamapro {command}\n" + proc.stdout.replace(str(work), "/work"))
+    # The disk's, the filesystem's (clone where it shares extents) and the clock's:
+    volatile = re.compile(r"^(free space|engine|time) +.*$", flags=re.M)
+    assert volatile.sub(r"\1", "".join(shown)) == volatile.sub(r"\1", block.group(1))

@@ -26,6 +26,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llamapro_cli.cli.app import app
+from llamapro_cli.io import header as header_module
+from llamapro_cli.io.files import MAX_JSON_SIZE
 
 S1 = "model-00001-of-00002.safetensors"
 S2 = "model-00002-of-00002.safetensors"
@@ -121,6 +123,18 @@ def only_pickle(root: Path) -> None:
     (root / "pytorch_model.bin").write_bytes(pickle.dumps(Trap(root.parent / "UNPICKLED")))
 
 
+def rename_tensor(root: Path, old: str, new: str) -> None:
+    """Give a tensor another name in its shard header and in the index (data untouched)."""
+    shard = json.loads((root / INDEX).read_text())["weight_map"][old]
+    edit_header(root / shard, lambda h: h.update({new: h.pop(old)}))
+    edit_json(root / INDEX, lambda doc: doc["weight_map"].update({new: doc["weight_map"].pop(old)}))
+
+
+def family_config(model_type: str, **values: Any) -> Callable[[Path], None]:
+    """The demo's config.json read as another family (same tensor layout) with one bad value set."""
+    return lambda r: edit_json(r / "config.json", lambda c: c.update(model_type=model_type, **values))
+
+
 def no_weights(root: Path) -> None:
     for name in (S1, S2, INDEX):
         (root / name).unlink()
@@ -145,6 +159,32 @@ def outside_shard(root: Path, *, absolute: bool) -> None:
         root / INDEX,
         lambda doc: doc["weight_map"].update({k: name for k, v in doc["weight_map"].items() if v == S1}),
     )
+
+
+def link_outside(path: Path) -> None:
+    """Replace `path` with a relative link to a copy of it outside the folder (`../private/<name>`)."""
+    private = path.parent.parent / "private"
+    private.mkdir(exist_ok=True)
+    shutil.copyfile(path, private / path.name)
+    path.unlink()
+    path.symlink_to(Path("..", "private", path.name))
+
+
+def sparse(path: Path, size: int) -> None:
+    """`path` becomes a sparse file of `size` bytes (no disk used): a reader that reads it whole fails."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def add_empty_tensor(root: Path, shard: str, shape: list[int]) -> None:
+    """Add a zero-byte tensor of `shape` at the end of `shard` (and to the index): only its shape is odd."""
+
+    def change(header: dict[str, Any]) -> None:
+        end = header[_last(header)]["data_offsets"][1]
+        header["extra.weight"] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end]}
+
+    edit_header(root / shard, change)
+    edit_json(root / INDEX, lambda d: d["weight_map"].update({"extra.weight": shard}))
 
 
 # --- the matrix -----------------------------------------------------------------------------------------
@@ -221,6 +261,16 @@ CASES = [
         (S2, "truncated", "ends at data byte"),
         hint="re-download",
     ),
+    Case(
+        "shape-overflows-64-bits",  # span 0, but the library's checked product overflows: unloadable
+        lambda r: add_empty_tensor(r, S2, [2**40, 2**40, 0]),
+        (S2, "extra.weight", "overflows 64 bits"),
+    ),
+    Case(
+        "shape-bomb",  # huge integers: a product of them would take hours; refused at the first one
+        lambda r: add_empty_tensor(r, S2, [10**4000 - 1] * 200 + [0]),
+        (S2, "extra.weight", "does not fit 64 bits"),
+    ),
     Case("tensors-overlap", lambda r: edit_header(r / S1, _overlap), (S1, "overlaps")),
     Case("gap-in-data", lambda r: shift_all(r / S1, 8), (S1, "8 unused bytes")),
     Case(
@@ -254,6 +304,32 @@ CASES = [
         "index-absolute-path",
         lambda r: outside_shard(r, absolute=True),
         (INDEX, "outside", "not a plain file name"),
+    ),
+    Case(
+        "shard-links-outside",  # its bytes would be copied into the output (and pushed)
+        lambda r: link_outside(r / S2),
+        (S2, "a shard is a link to", "outside the checkpoint folder"),
+        hint="copy the file into the folder",
+    ),
+    Case(
+        "config-links-outside",  # every key of it would be carried into the output's config.json
+        lambda r: link_outside(r / "config.json"),
+        ("config.json", "outside the checkpoint folder"),
+    ),
+    Case(
+        "config-link-loop",  # resolving it raises in Python 3.11: one line, not an internal error
+        lambda r: (r / "config.json").unlink() or (r / "config.json").symlink_to("config.json"),
+        ("config.json", "a link that never ends"),
+    ),
+    Case(
+        "config-huge",  # sparse: read whole, it would exhaust memory
+        lambda r: sparse(r / "config.json", MAX_JSON_SIZE + 1),
+        ("config.json", "larger than"),
+    ),
+    Case(
+        "index-huge",
+        lambda r: sparse(r / INDEX, MAX_JSON_SIZE + 1),
+        (INDEX, "larger than"),
     ),
     Case("index-not-json", lambda r: (r / INDEX).write_text("{"), (INDEX, "not valid JSON")),
     Case("index-no-weight-map", lambda r: (r / INDEX).write_text("{}"), (INDEX, "no weight_map")),
@@ -309,6 +385,80 @@ CASES = [
         "layer-missing-tensor",
         lambda r: drop_tensor(r, "model.layers.2.mlp.down_proj.weight"),
         ("layer 2", "model.layers.2.mlp.down_proj.weight"),
+    ),
+    # config values a family record reads: type and range checked before any formula runs
+    *(
+        Case(
+            f"config-zero-period-{model_type}",
+            family_config(model_type, **{key: 0}),
+            ("config.json", f"{key} is 0, not a positive integer"),
+            hint="fix or remove",
+        )
+        for model_type, key in (
+            ("gemma3_text", "sliding_window_pattern"),
+            ("cohere2", "sliding_window_pattern"),
+            ("qwen3_next", "full_attention_interval"),
+            ("llama4_text", "no_rope_layer_interval"),
+        )
+    ),
+    Case(
+        "config-text-config-a-string",
+        family_config("gemma3", text_config="abc"),
+        ("config.json", 'text_config is "abc", not an object'),
+    ),
+    Case(
+        "config-text-config-a-list",
+        family_config("gemma3", text_config=[1]),
+        ("config.json", "text_config is [1], not an object"),
+    ),
+    Case(
+        "config-index-list-an-integer",
+        family_config("qwen3_moe", mlp_only_layers=5),
+        ("config.json", "mlp_only_layers is 5, not a list of layer indices"),
+    ),
+    Case(
+        "config-index-list-nested",
+        family_config("qwen3_moe", mlp_only_layers=[[1]]),
+        ("config.json", "mlp_only_layers is [[1]], not a list of layer indices"),
+    ),
+    Case(
+        "config-quantization-name-huge-index",
+        lambda r: edit_json(
+            r / "config.json",
+            lambda c: c.update(
+                quantization_config={"quant_method": "fp8", "ignore": ["model.layers." + "9" * 5000 + ".mlp"]}
+            ),
+        ),
+        ("config.json", "quantization_config.ignore entry", "malformed layer index"),
+    ),
+    # layer-indexed tensor names: one spelling per index, matched over the whole name
+    Case(
+        "layer-index-leading-zero",
+        lambda r: rename_tensor(
+            r, "model.layers.1.mlp.down_proj.weight", "model.layers.01.mlp.down_proj.weight"
+        ),
+        ('"model.layers.01.mlp.down_proj.weight"', "malformed layer name"),
+    ),
+    Case(
+        "layer-index-unicode-digit",
+        lambda r: rename_tensor(
+            r, "model.layers.1.mlp.down_proj.weight", "model.layers.\u0661.mlp.down_proj.weight"
+        ),
+        ('"model.layers.\\u0661.mlp.down_proj.weight"', "malformed layer name"),
+    ),
+    Case(
+        "layer-name-trailing-newline",
+        lambda r: rename_tensor(
+            r, "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight\n"
+        ),
+        ('"model.layers.1.mlp.down_proj.weight\\n"', "malformed layer name"),
+    ),
+    Case(
+        "layer-index-5000-digits",
+        lambda r: rename_tensor(
+            r, "model.layers.1.mlp.down_proj.weight", "model.layers." + "9" * 5000 + ".mlp.down_proj.weight"
+        ),
+        ('"model.layers.999', "malformed layer name"),
     ),
     Case(
         "refused-quantization",
@@ -414,3 +564,42 @@ def test_input_folder_errors(tmp_path: Path) -> None:
     )
     assert_one_error(a_file, Case("file", lambda r: None, ("is a file",)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_output_header_over_the_cap_is_refused_before_writing(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The input is valid (its header just under the cap, almost all of it metadata), but the output's
+    # headers carry that metadata plus our own keys: no reader could open them. Said before any byte is
+    # written, in a dry run too. The cap (100 MiB, the library's) is lowered for speed: reader and
+    # writer share it.
+    monkeypatch.setattr(header_module, "MAX_HEADER_SIZE", 1 << 20)
+    root = tmp_path / "in"
+    shutil.copytree(demo, root)
+    header, _ = read_shard(root / S1)
+    room = header_module.MAX_HEADER_SIZE - len(json.dumps(header).encode()) - 64
+    edit_header(root / S1, lambda h: h["__metadata__"].update(padding="x" * room))
+    assert CliRunner().invoke(app, ["inspect", str(root)]).exit_code == 0
+    before, out = digest_tree(root), tmp_path / "out"
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(
+            app, ["expand", "--every", "2", "--in", str(root), "--out", str(out), *extra]
+        )
+        case = Case("header-over-cap", lambda r: None, (str(out / "model.safetensors"), "over the"))
+        assert_one_error(result, case)
+        assert not out.exists() and not list(tmp_path.glob("out.*"))
+    assert digest_tree(root) == before
+
+
+def test_a_huge_trained_index_is_refused_unread(demo: Path, tmp_path: Path) -> None:
+    # verify-frozen reads the trained folder's index with the same cap as every JSON file.
+    out = tmp_path / "pro"
+    assert (
+        CliRunner().invoke(app, ["expand", "--every", "2", "--in", str(demo), "--out", str(out)]).exit_code
+        == 0
+    )
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    sparse(trained / INDEX, 4 << 30)  # sparse: refused by its size, nothing of it is read
+    result = CliRunner().invoke(app, ["verify-frozen", "--map", str(out), "--trained", str(trained)])
+    assert_one_error(result, Case("huge-trained-index", lambda r: None, (INDEX, "larger than")))

@@ -18,12 +18,12 @@ import pytest
 from safetensors import safe_open
 
 from llamapro_cli.errors import InputError, OutputError
+from llamapro_cli.io import clone, writer
 from llamapro_cli.io import direct as direct_io
-from llamapro_cli.io import writer
 from llamapro_cli.io.direct import HOLE_MIN
 from llamapro_cli.io.header import ALIGN, OutTensor, header_bytes, read_header
 from llamapro_cli.io.runs import zeros_sha256
-from llamapro_cli.io.writer import write_shard
+from llamapro_cli.io.writer import Engine, write_shard
 
 MiB = 1 << 20
 
@@ -117,25 +117,25 @@ def test_same_bytes_and_digests_as_buffered(
     if chunk:
         monkeypatch.setenv("LLAMAPRO_COPY_CHUNK", chunk)  # 5000 is rounded up to 8192
     spy = _Spy(monkeypatch)
-    for direct in (True, False):
-        out = tmp_path / f"{direct}.safetensors"
-        digests = write_shard(out, tensors, {"format": "pt"}, digests=True, align=align, direct=direct)
+    for engine in (Engine.DIRECT, Engine.BUFFERED):
+        out = tmp_path / f"{engine}.safetensors"
+        written = write_shard(out, tensors, {"format": "pt"}, digests=True, align=align, engine=engine)
         assert out.read_bytes() == expected
-        assert digests == expected_digests
+        assert written.digests == expected_digests
     assert spy.runs == (1 if _direct_supported(tmp_path) else 0)
 
 
 def test_without_digests_returns_nothing(sources: tuple[Path, Path], tmp_path: Path) -> None:
     tensors = _layout(*sources)
     out = tmp_path / "n.safetensors"
-    assert write_shard(out, tensors, {}, direct=True) == {}
+    assert write_shard(out, tensors, {}, engine=Engine.DIRECT).digests == {}
     assert out.read_bytes() == _expected(header_bytes(tensors, {}), tensors)[0]
 
 
 def test_holes_are_not_allocated(direct_fs: None, sources: tuple[Path, Path], tmp_path: Path) -> None:
     tensors = _layout(*sources)
     out = tmp_path / "h.safetensors"
-    write_shard(out, tensors, {}, direct=True)
+    write_shard(out, tensors, {}, engine=Engine.DIRECT)
     zeros = sum(t.nbytes for t in tensors if t.source is None)
     st = out.stat()
     assert st.st_blocks * 512 < st.st_size - zeros + 6 * ALIGN + 256 * 1024  # only partial blocks written
@@ -154,7 +154,7 @@ def test_header_padding_follows_the_source_phase(sources: tuple[Path, Path], tmp
     assert by_phase.get(0) == max(by_phase.values())  # the biggest share is read straight into place
     assert len(header_bytes([OutTensor("z", "U8", (5,))], {}, None)) % ALIGN == 0  # nothing copied
     out = tmp_path / "p.safetensors"
-    write_shard(out, tensors, {"format": "pt"}, align=None, direct=True)
+    write_shard(out, tensors, {"format": "pt"}, align=None, engine=Engine.DIRECT)
     assert read_header(out).data_offset == len(head)
     with safe_open(str(out), "np") as f:  # the library reads a space-padded header
         assert f.get_tensor("a.1").tobytes() == a.read_bytes()[7234 : 7234 + MiB + 1]
@@ -170,7 +170,7 @@ def test_progress_and_delay(
     monkeypatch.setattr(direct_io.time, "sleep", sleeps.append)
     tensors = _layout(*sources)
     calls: list[int] = []
-    write_shard(tmp_path / "g.safetensors", tensors, {}, progress=calls.append, direct=True)
+    write_shard(tmp_path / "g.safetensors", tensors, {}, progress=calls.append, engine=Engine.DIRECT)
     assert sum(calls) == sum(t.nbytes for t in tensors)
     assert max(calls) <= 4096 and len(sleeps) == len(calls) > 100
 
@@ -178,20 +178,29 @@ def test_progress_and_delay(
 def test_auto_selection(
     direct_fs: None, sources: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(clone, "clone_range", _refuse_clone)  # as ext4 answers: no clone engine
     spy = _Spy(monkeypatch)
     tensors = _layout(*sources)
-    write_shard(tmp_path / "1.safetensors", tensors, {})  # ~3.5 MiB to copy: below DIRECT_MIN
+    engines = [write_shard(tmp_path / "1.safetensors", tensors, {}, align=None).engine]  # < DIRECT_MIN
     assert spy.runs == 0
     monkeypatch.setattr(writer, "DIRECT_MIN", MiB)
-    write_shard(tmp_path / "2.safetensors", tensors, {})
+    engines.append(write_shard(tmp_path / "2.safetensors", tensors, {}).engine)
     assert spy.runs == 1
     monkeypatch.setenv("LLAMAPRO_DIRECT_IO", "0")
-    write_shard(tmp_path / "3.safetensors", tensors, {})
+    engines.append(write_shard(tmp_path / "3.safetensors", tensors, {}).engine)
     assert spy.runs == 1
     monkeypatch.setenv("LLAMAPRO_DIRECT_IO", "1")
     monkeypatch.setattr(writer, "DIRECT_MIN", 1 << 40)
-    write_shard(tmp_path / "4.safetensors", tensors, {})
+    engines.append(write_shard(tmp_path / "4.safetensors", tensors, {}).engine)
     assert spy.runs == 2
+    monkeypatch.setenv("LLAMAPRO_ENGINE", "buffered")  # the newer switch wins over the older one
+    engines.append(write_shard(tmp_path / "5.safetensors", tensors, {}).engine)
+    assert spy.runs == 2
+    assert engines == [Engine.BUFFERED, Engine.DIRECT, Engine.BUFFERED, Engine.DIRECT, Engine.BUFFERED]
+
+
+def _refuse_clone(*args: object) -> None:
+    raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
 
 def test_memory_is_the_buffer_ring(
@@ -206,7 +215,7 @@ def test_memory_is_the_buffer_ring(
 
     monkeypatch.setattr(direct_io.mmap, "mmap", recording)
     monkeypatch.setenv("LLAMAPRO_COPY_CHUNK", str(64 * 1024))
-    write_shard(tmp_path / "m.safetensors", _layout(*sources), {}, direct=True, digests=True)
+    write_shard(tmp_path / "m.safetensors", _layout(*sources), {}, engine=Engine.DIRECT, digests=True)
     assert sizes == [64 * 1024 + ALIGN] * writer.DIRECT_BUFFERS
 
 
@@ -215,9 +224,9 @@ def test_memory_is_the_buffer_ring(
 
 def _check_identical(tensors: list[OutTensor], out: Path) -> None:
     # align=None: most bytes are read with O_DIRECT straight into place, so the fallbacks are reached.
-    digests = write_shard(out, tensors, {"format": "pt"}, direct=True, digests=True, align=None)
+    written = write_shard(out, tensors, {"format": "pt"}, engine=Engine.DIRECT, digests=True, align=None)
     expected, expected_digests = _expected(header_bytes(tensors, {"format": "pt"}, None), tensors)
-    assert out.read_bytes() == expected and digests == expected_digests
+    assert out.read_bytes() == expected and written.digests == expected_digests
 
 
 def test_output_refusing_o_direct_uses_buffered_engine(
@@ -312,7 +321,7 @@ def test_disk_full_is_output_error(
     _fails(monkeypatch, "pwrite", errno.ENOSPC, after=3)
     out = tmp_path / "f.safetensors"
     with pytest.raises(OutputError) as info:
-        write_shard(out, _layout(*sources), {}, direct=True)
+        write_shard(out, _layout(*sources), {}, engine=Engine.DIRECT)
     assert info.value.message == f"cannot write {out}: {os.strerror(errno.ENOSPC)}"
     assert not out.exists() and _no_new_threads(threads)
 
@@ -324,7 +333,7 @@ def test_read_error_is_input_error(
     _fails(monkeypatch, "preadv", errno.EIO, after=2)
     out = tmp_path / "e.safetensors"
     with pytest.raises(InputError, match=r"cannot read .*\.bin: Input/output error"):
-        write_shard(out, _layout(*sources), {}, direct=True, digests=True)
+        write_shard(out, _layout(*sources), {}, engine=Engine.DIRECT, digests=True)
     assert not out.exists() and _no_new_threads(threads)
 
 
@@ -336,7 +345,7 @@ def test_shrinking_source_names_the_tensor(
     tensors = [OutTensor("big", "U8", (3 * MiB,), a, 0)]
     out = tmp_path / "s.safetensors"
     with pytest.raises(InputError, match=f"{a} shrank while tensor 'big' was being copied"):
-        write_shard(out, tensors, {}, direct=True, progress=lambda n: os.truncate(a, MiB))
+        write_shard(out, tensors, {}, engine=Engine.DIRECT, progress=lambda n: os.truncate(a, MiB))
     assert not out.exists()
 
 
@@ -344,9 +353,9 @@ def test_source_too_short_and_missing(sources: tuple[Path, Path], tmp_path: Path
     a, _ = sources
     out = tmp_path / "t.safetensors"
     with pytest.raises(InputError, match=f"{a} is shorter than expected: tensor 'x'"):
-        write_shard(out, [OutTensor("x", "U8", (16,), a, a.stat().st_size - 8)], {}, direct=True)
+        write_shard(out, [OutTensor("x", "U8", (16,), a, a.stat().st_size - 8)], {}, engine=Engine.DIRECT)
     with pytest.raises(InputError, match="cannot read"):
-        write_shard(out, [OutTensor("x", "U8", (1,), tmp_path / "missing", 0)], {}, direct=True)
+        write_shard(out, [OutTensor("x", "U8", (1,), tmp_path / "missing", 0)], {}, engine=Engine.DIRECT)
     assert not out.exists()
 
 
@@ -363,7 +372,7 @@ def test_interrupt_removes_file_and_stops_threads(
 
     out = tmp_path / "i.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        write_shard(out, _layout(*sources), {}, direct=True, digests=True, progress=progress)
+        write_shard(out, _layout(*sources), {}, engine=Engine.DIRECT, digests=True, progress=progress)
     assert not out.exists() and _no_new_threads(threads)
 
 

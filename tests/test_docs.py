@@ -74,8 +74,11 @@ def _reports() -> dict[str, type]:
     from llamapro_cli.describe import InspectReport
     from llamapro_cli.expand import ExpandReport
     from llamapro_cli.freeze.audit import FrozenReport
+    from llamapro_cli.freeze.check import CheckReport
+    from llamapro_cli.freeze.learning import TrainingReport
     from llamapro_cli.freeze.map import FreezeMap
     from llamapro_cli.hub import PushReport
+    from llamapro_cli.merge import MergeReport
     from llamapro_cli.verify.identity import IdentityReport
 
     return {
@@ -85,6 +88,9 @@ def _reports() -> dict[str, type]:
         "llamapro verify-identity --json": IdentityReport,
         "llamapro freeze-map --format json": FreezeMap,
         "llamapro verify-frozen --json": FrozenReport,
+        "llamapro verify-frozen --report --json": TrainingReport,
+        "llamapro freeze-map --check --json": CheckReport,
+        "llamapro merge-adapter --json": MergeReport,
     }
 
 

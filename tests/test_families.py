@@ -7,16 +7,21 @@ mismatched keys, and compared with `torch.equal`: full forward and cached decodi
 expanded cached), sequences longer than every window/chunk, for configs with explicit per-layer lists and
 legacy configs without them. Mamba-style families compare full-sequence logits only: on the CPU slow
 path their cached decoding does not even match their own full forward (reference/architectures.md).
-Also: the ported per-layer formulas against the config classes, every refusal (exit code, one line,
-nothing written), MTP renumbering, FP8/MXFP4 byte surgery, pattern warnings and the generated doc.
+Also: every per-layer field and ported formula against transformers' config classes (or the layers its
+modeling code builds), each formula also on probe configs where it alone decides (its key removed, each
+key it reads removed or set to edge values); families without per-layer fields against transformers'
+uniform layers; every refusal (exit code, one line, nothing written), MTP renumbering, FP8/MXFP4 byte
+surgery, pattern warnings and the generated doc.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,13 +29,15 @@ pytest.importorskip("transformers")
 
 import tiny_models as tm
 import transformers
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from llamapro_cli.architectures.layers import effective_values, layer_signature
+from llamapro_cli.architectures.families import FAMILIES
+from llamapro_cli.architectures.layers import effective_values, is_active, layer_signature
 from llamapro_cli.architectures.matrix import support_matrix_markdown
-from llamapro_cli.architectures.record import Family, FieldKind
-from llamapro_cli.architectures.registry import family_for, num_layers
+from llamapro_cli.architectures.record import Family, LayerField, ValueKind
+from llamapro_cli.architectures.registry import config_keys, family_for, fields_of, num_layers
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.cli.app import app
 from llamapro_cli.expand import expand
@@ -177,24 +184,180 @@ def test_jamba_whole_periods_are_exact(tiny_model: TinyModel, tmp_path: Path) ->
     tm.assert_identical(base, tmp_path / "out", cached=False)
 
 
-@pytest.mark.parametrize(("family", "variant"), IDENTITY)
-def test_ported_formulas_match_transformers(tiny_model: TinyModel, family: str, variant: str) -> None:
-    """Our effective per-layer values equal what the config class derives from the same config.json."""
+def _record(family: str) -> Family:
+    """The record of a tiny-model family (tiny_models names the config class, whose model_type we read)."""
+    return family_for({"model_type": getattr(transformers, tm.FAMILIES[family].config_class).model_type})
+
+
+FORMULA_CASES = [
+    pytest.param(f, v, id=f"{f}-{v}")
+    for f, v in tm.all_variants()
+    if _record(f).layer_fields and (f, v) != ("gpt2", "inverse_layer_idx")
+]
+UNIFORM_CASES = [
+    pytest.param(f, v, id=f"{f}-{v}")
+    for f, v in tm.all_variants()
+    if not _record(f).layer_fields and (f, v) != ("gpt2", "inverse_layer_idx")
+]
+
+
+def _decoder_layers(config: object, n: int) -> list[object]:
+    """The n decoder layers of the model transformers builds from `config` (on the meta device: no data)."""
+    import torch
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    lists = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ModuleList) and name.endswith("layers") and len(m) == n
+    ]
+    assert len(lists) == 1, [name for name, _ in model.named_modules() if name.endswith("layers")]
+    return list(lists[0])
+
+
+def _dense(layer: object) -> bool:
+    name = type(layer.mlp).__name__  # type: ignore[attr-defined]
+    assert name.endswith("MLP") or "Moe" in name or "MoE" in name, name
+    return name.endswith("MLP")
+
+
+def _theirs(key: str, config: object, n: int) -> list[object]:
+    """One per-layer field's values as transformers has them: from its config class where the class
+    derives them, from the modeling code (which MLP each decoder layer builds) where only it decides."""
+    text = config.get_text_config()  # type: ignore[attr-defined]
+    if key in (
+        "layer_types",
+        "no_rope_layers",
+        "layers_block_type",
+        "mlp_layer_types",
+        "hybrid_override_pattern",
+    ):
+        return list(getattr(text, key))
+    if key == "max_window_layers":
+        return [i < text.max_window_layers for i in range(n)]
+    if key == "moe_layers":
+        return [i in text.moe_layers for i in range(n)]
+    if key == "attn_layer_indices":
+        return [t == "full_attention" for t in text.layers_block_type]
+    if key == "full_attn_idxs":
+        return [t == "full_attention" for t in text.layer_types]
+    if key == "mixer":
+        return list(text.layers_block_type)
+    if key == "layer_kind":  # jamba: attention/mamba from the period, MoE where a layer has experts
+        kinds = zip(text.layers_block_type, text.layers_num_experts, strict=True)
+        return [f"{kind} {'moe' if experts > 1 else 'dense'}" for kind, experts in kinds]
+    if key in ("mlp_only_layers", "first_k_dense_replace"):  # per-layer dense flags
+        return [_dense(layer) for layer in _decoder_layers(config, n)]
+    raise AssertionError(f"no transformers oracle for per-layer field {key!r}: add one here")
+
+
+# Values tried for each key a formula reads (besides removing it), by the kind the record declares.
+PROBES: dict[ValueKind, list[object]] = {
+    ValueKind.BOOL: [True, False],
+    ValueKind.COUNT: [0, 1, 2, 3, 7],
+    ValueKind.POSITIVE: [1, 2, 3, 7],
+    ValueKind.INDICES: [[], [0], [1, 4]],
+}
+
+
+def _probes(
+    fld: LayerField, raw: dict[str, Any], sub_path: tuple[str, ...]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """config.json variants on which the formula alone decides: its own key removed (unless the formula
+    always applies), then each key it reads removed or set to each probe value of its kind."""
+
+    def edited(change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+        config = json.loads(json.dumps(raw))
+        sub = config
+        for key in sub_path:
+            sub = sub[key]
+        if not fld.derive_always:
+            sub.pop(fld.key, None)
+        change(sub)
+        return config
+
+    assert fld.derive is not None
+    yield "as saved", edited(lambda sub: None)
+    for read in fld.derive.reads:
+        if read.key == fld.key and not fld.derive_always:
+            continue
+        yield f"without {read.key}", edited(lambda sub, k=read.key: sub.pop(k, None))
+        for value in PROBES.get(read.kind, []):
+            yield f"{read.key}={value}", edited(lambda sub, k=read.key, v=value: sub.update({k: v}))
+
+
+def _loaded(folder: Path, raw: dict[str, Any]) -> object | None:
+    """transformers' config class for `raw`; None when transformers itself refuses those values."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(raw))
+    try:
+        return transformers.AutoConfig.from_pretrained(folder)
+    except (ValueError, TypeError, StrictDataclassClassValidationError):
+        return None
+
+
+@pytest.mark.parametrize(("family", "variant"), FORMULA_CASES)
+def test_ported_formulas_match_transformers(
+    tiny_model: TinyModel, tmp_path: Path, family: str, variant: str
+) -> None:
+    """Every per-layer field of the config, as we read it, equals transformers' per-layer values; and each
+    ported formula, where it alone decides (its key removed; each key it reads removed or probed), equals
+    what transformers derives from the same config.json."""
     raw = json.loads((tiny_model(family, variant) / "config.json").read_text())
     fam = family_for(raw)
-    cfg = transformers.AutoConfig.from_pretrained(tiny_model(family, variant))
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     sub, n = fam.sub_config(raw), num_layers(fam, raw)
     assert n is not None
-    for fld in fam.layer_fields:
-        ours = effective_values(fld, sub, n)
-        theirs = getattr(text, fld.key, None)
-        if ours is None or theirs is None or fld.kind is FieldKind.VIRTUAL:
+    config = transformers.AutoConfig.from_pretrained(tiny_model(family, variant))
+    compared: list[str] = []
+    probes = itertools.count()
+    for fld in fields_of(fam):
+        if not is_active(fld, sub) or (ours := effective_values(fld, sub, n)) is None:
             continue
-        if fld.kind is FieldKind.INDEX_SET and not fld.derive_always:
-            theirs = [i in set(theirs) for i in range(n)]
-        if fld.kind is FieldKind.LIST:
-            assert list(theirs) == ours, f"{fld.key}: ours {ours}, transformers {list(theirs)}"
+        assert ours == _theirs(fld.key, config, n), f"{fld.key} as read"
+        compared.append(fld.key)
+        for label, probe in _probes(fld, raw, fam.config_path) if fld.derive else ():
+            theirs = _loaded(tmp_path / str(next(probes)), probe)
+            if theirs is None:
+                continue  # transformers refuses the probe: no truth to compare with
+            truth = _theirs(fld.key, theirs, n)
+            if len(truth) != n:
+                # Without layers_block_type and hybrid_override_pattern transformers falls back to a
+                # fixed 4-layer list whatever num_hidden_layers says: no n-layer truth to compare with.
+                assert fam.name == "nemotron_h", (fld.key, label, truth)
+                continue
+            formula = fld.derive(fam.sub_config(probe), n)
+            assert formula == truth, f"{fld.key}, {label}: ours by {fld.derive.source}"
+            compared.append(f"{fld.key} ({label})")
+    assert len(compared) > 1 or fam.name == "nemotron_h", compared
+
+
+@pytest.mark.parametrize(("family", "variant"), UNIFORM_CASES)
+def test_families_without_per_layer_fields_have_uniform_layers(
+    tiny_model: TinyModel, family: str, variant: str
+) -> None:
+    """A record without per-layer fields claims every layer behaves alike: so do we and transformers."""
+    raw = json.loads((tiny_model(family, variant) / "config.json").read_text())
+    fam = family_for(raw)
+    signature = layer_signature(fam, raw)
+    assert signature is not None and len(set(signature)) == 1
+    text = transformers.AutoConfig.from_pretrained(tiny_model(family, variant)).get_text_config()
+    for key in ("layer_types", "layers_block_type", "mlp_layer_types"):
+        values = getattr(text, key, None)
+        assert values is None or len(set(values)) == 1, f"{key}: {values}"
+
+
+def test_every_formula_cites_its_source_and_every_key_has_one_kind() -> None:
+    for fam in FAMILIES:
+        for fld in fields_of(fam):
+            assert fld.derive is None or fld.derive.source, (fam.name, fld.key)
+        declared: dict[str, ValueKind] = {}
+        for fld in fields_of(fam):
+            for key in (*fld.reads(), *fam.reads):
+                assert declared.setdefault(key.key, key.kind) is key.kind, (fam.name, key.key)
+        assert {k.key for k in config_keys(fam)} == set(declared) | {fam.count_key} | (
+            {fam.extra_layers_key} if fam.extra_layers_key else set()
+        )
 
 
 def _assert_refused(result: object, code: int, words: str, out: Path) -> None:

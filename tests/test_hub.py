@@ -5,12 +5,14 @@ partial one; remote `inspect` reads headers only and equals a local inspect; off
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import struct
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +28,7 @@ from typer.testing import CliRunner
 from llamapro_cli.cli.app import app
 from llamapro_cli.demo import write_demo_checkpoint
 from llamapro_cli.expand import expand
+from llamapro_cli.io.manifest import MANIFEST
 
 REPO = "org/tiny-pro"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -84,7 +87,12 @@ class FakeHub:
     def _upload(self, name: str, kw: dict[str, Any]) -> None:
         self.calls.append((name, kw))
         folder = Path(kw["folder_path"])
-        self.uploaded = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        ignored = kw.get("ignore_patterns") or []
+        self.uploaded = {
+            str(p.relative_to(folder)): p.read_bytes()
+            for p in folder.rglob("*")
+            if p.is_file() and not any(fnmatch.fnmatch(str(p.relative_to(folder)), g) for g in ignored)
+        }
         if self.fail is not None:
             raise self.fail
 
@@ -126,13 +134,14 @@ def test_expand_push_uploads_the_finished_folder(
     assert hub.calls[1][1] == {"repo_id": REPO, "branch": "exp", "exist_ok": True, "repo_type": "model"}
     upload = hub.calls[2][1]
     assert Path(upload["folder_path"]) == out.resolve() and upload["revision"] == "exp"
-    # What was sent is exactly the finished output: no marker, every file byte-identical.
-    assert ".llamapro-partial" not in hub.uploaded
-    assert hub.uploaded == {p.name: p.read_bytes() for p in out.iterdir()}
+    # What was sent is exactly the finished output: no marker, no record of our own files for --force,
+    # every file byte-identical.
+    assert ".llamapro-partial" not in hub.uploaded and MANIFEST not in hub.uploaded
+    assert hub.uploaded == {p.name: p.read_bytes() for p in out.iterdir() if p.name != MANIFEST}
     assert {"README.md", "llamapro.json", "config.json"} <= set(hub.uploaded)
     card = ModelCard(hub.uploaded["README.md"].decode())
     assert card.data.to_dict()["tags"] == ["llama-pro", "block-expansion"]
-    assert f"llamapro freeze-map {REPO} --format peft" in card.text  # the card names the pushed repo
+    assert f"llamapro freeze-map {REPO} --format hf" in card.text  # the card names the pushed repo
     assert result.stderr.strip().endswith(
         f"pushed {len(hub.uploaded)} files to https://huggingface.co/{REPO}/tree/exp"
     )
@@ -151,10 +160,11 @@ def test_push_command_json_and_large_folder_api(expanded: Path, fake_hub: Callab
         "repo_type": "model",
         "revision": None,
         "private": None,
+        "ignore_patterns": [MANIFEST],
     }
     doc = json.loads(result.stdout)  # stdout is the document only; the hub's report went to stderr
     assert "report: 3 files committed" in result.stderr
-    files = [p for p in expanded.iterdir() if p.is_file()]
+    files = [p for p in expanded.iterdir() if p.is_file() and p.name != MANIFEST]
     assert doc["schema_version"] == 1 and doc["method"] == "upload_large_folder"
     assert doc["files"] == len(files) and doc["bytes"] == sum(p.stat().st_size for p in files)
     assert doc["url"] == f"https://huggingface.co/{REPO}" and doc["commit"] is None
@@ -180,6 +190,21 @@ def test_partial_folders_are_never_uploaded(
     result = _invoke("push", str(partial), REPO)
     assert result.exit_code == 3
     assert "unfinished llamapro expand" in _one_error_line(result.stderr)
+    assert hub.calls == [] and result.stdout == ""
+
+
+def test_push_never_uploads_a_file_from_outside_the_folder(
+    expanded: Path, tmp_path: Path, fake_hub: Callable[..., FakeHub]
+) -> None:
+    # A link placed into a finished output (by hand, by a script) must not carry a private file up.
+    hub = fake_hub()
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("PRIVATE KEY")
+    pro = shutil.copytree(expanded, tmp_path / "pro")
+    (pro / "notes.txt").symlink_to(secret)
+    result = _invoke("push", str(pro), REPO)
+    assert result.exit_code == 3
+    assert "notes.txt" in _one_error_line(result.stderr) and "outside the checkpoint folder" in result.stderr
     assert hub.calls == [] and result.stdout == ""
 
 
@@ -302,6 +327,7 @@ class FakeRemote:
 @pytest.fixture
 def remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], FakeRemote]:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("llamapro_cli.hub.hub_reachable", lambda: True)  # the fake client is the hub
     return lambda folder: FakeRemote(folder, tmp_path / "snapshot", monkeypatch)
 
 
@@ -443,3 +469,53 @@ def test_offline_expand_from_repo_id(
     assert "[org/tiny](https://huggingface.co/org/tiny)" in card.text
     assert " ".join(args) in card.text  # the command as typed
     assert "Seeded random weights" in card.text  # the cached README, below its heading
+
+
+# --- a mistyped local path is not a repo id; an unreachable hub is said at once -------------------------
+
+
+def test_a_mistyped_local_path_fails_at_once_without_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "realclient" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a mistyped path must not reach the network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.setattr("socket.create_connection", no_network)
+    for command in (["inspect", "realclient/bse"], ["expand", "--every", "2", "--in", "realclient/bse"]):
+        args = [*command, "--out", str(tmp_path / "out")] if command[0] == "expand" else command
+        started = time.monotonic()
+        result = CliRunner().invoke(app, args)
+        assert time.monotonic() - started < 1.0
+        assert result.exit_code == 3, result.stderr
+        assert result.stderr.splitlines() == [
+            "error: realclient/bse: no such folder",
+            "hint: did you mean realclient/base?",
+        ]
+
+
+def test_an_unreachable_hub_is_one_quick_line_with_a_fitting_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # discard: refused
+    for args in (["inspect", "someorg/somemodel"], ["freeze-map", "someorg/somemodel"]):
+        started = time.monotonic()
+        result = CliRunner().invoke(app, args)
+        assert time.monotonic() - started < 5.0
+        assert result.exit_code == 3, result.stderr
+        lines = result.stderr.splitlines()
+        assert (
+            lines[0] == "error: someorg/somemodel: not in the local hub cache and the hub cannot be reached"
+        )
+        assert "HF_HUB_OFFLINE" not in result.stderr and "hf download someorg/somemodel" in lines[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(app, ["inspect", "someorg/somemodel"])
+    assert result.exit_code == 3 and "hint: unset HF_HUB_OFFLINE" in result.stderr

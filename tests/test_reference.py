@@ -38,7 +38,25 @@ except ImportError:  # pragma: no cover - transformers is a dev dependency
     VARIANTS = []
 
 SEQ, PREFILL, STEPS = 16, 8, 4  # 16 tokens > the tiny models' sliding window of 4
-FP32 = {"atol": 1e-5, "rtol": 1e-5}
+# Where the native engine is not bit-identical to transformers, and by how much at most. Only cached decoding
+# past a sliding window in fp32: transformers' sliding cache drops the keys this engine masks, so the
+# attention sums run in another order. Measured on every variant (tiny models, 16 tokens, window 4):
+# mistral 4.8e-7, qwen2 sliding(_legacy) 7.2e-7, qwen3 sliding(_legacy) 3.3e-7; every full forward, every
+# cached pass without a window and every bf16 pass is bit-identical.
+SLIDING_CACHE_BOUND = 1e-6
+
+
+def _sliding(family: str, variant: str) -> bool:
+    return family == "mistral" or variant.startswith("sliding")
+
+
+def _assert_equal(got: torch.Tensor, want: torch.Tensor, bound: float = 0.0) -> None:
+    """Bit-identical, or (where a bound is measured) no element further apart than it."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if bound == 0.0:
+        assert torch.equal(got, want), f"max |Δ| {(got.double() - want.double()).abs().max().item():.3g}"
+    else:
+        assert (got.double() - want.double()).abs().max().item() <= bound
 
 
 def _ids(vocab: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -107,8 +125,9 @@ def test_logits_match_transformers(tiny_model: Callable[..., Path], family: str,
     ids = _ids(128)
     want_full, want_cached = _transformers_logits(folder, ids)
     ckpt = Checkpoint.open(folder)
-    torch.testing.assert_close(forward_logits(ckpt, ids, "cpu", torch.float32), want_full, **FP32)
-    torch.testing.assert_close(cached_logits(ckpt, ids, PREFILL, "cpu", torch.float32), want_cached, **FP32)
+    _assert_equal(forward_logits(ckpt, ids, "cpu", torch.float32), want_full)
+    bound = SLIDING_CACHE_BOUND if _sliding(family, variant) else 0.0
+    _assert_equal(cached_logits(ckpt, ids, PREFILL, "cpu", torch.float32), want_cached, bound)
 
 
 @pytest.mark.hf
@@ -170,22 +189,25 @@ def test_rope_scaling_matches_transformers(
     ids = _ids(128)
     want_full, want_cached = _transformers_logits(folder, ids)
     ckpt = Checkpoint.open(folder)
-    torch.testing.assert_close(forward_logits(ckpt, ids), want_full, **FP32)
-    torch.testing.assert_close(cached_logits(ckpt, ids, PREFILL), want_cached, **FP32)
+    _assert_equal(forward_logits(ckpt, ids), want_full)
+    _assert_equal(cached_logits(ckpt, ids, PREFILL), want_cached)
     plain = forward_logits(Checkpoint.open(tiny_model("llama")), ids)
     assert not torch.allclose(plain, want_full), "the rope setting had no effect: the test proves nothing"
 
 
 @pytest.mark.hf
-def test_bf16_matches_transformers(tiny_model: Callable[..., Path]) -> None:
+@pytest.mark.parametrize(("family", "variant"), VARIANTS)
+def test_bf16_matches_transformers(tiny_model: Callable[..., Path], family: str, variant: str) -> None:
     import tiny_models
 
-    folder = tiny_model("qwen3", "sliding", dtype="bfloat16")
+    folder = tiny_model(family, variant, dtype="bfloat16")
     ids = _ids(128)
-    want = tiny_models.logits_full(tiny_models.load_model(folder, dtype=torch.bfloat16), ids)
-    got = forward_logits(Checkpoint.open(folder), ids, "cpu", torch.bfloat16)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want)
+    want_full = tiny_models.logits_full(tiny_models.load_model(folder, dtype=torch.bfloat16), ids)
+    model = tiny_models.load_model(folder, dtype=torch.bfloat16)
+    want_cached = tiny_models.logits_cached(model, ids, PREFILL)
+    ckpt = Checkpoint.open(folder)
+    _assert_equal(forward_logits(ckpt, ids, "cpu", torch.bfloat16), want_full)
+    _assert_equal(cached_logits(ckpt, ids, PREFILL, "cpu", torch.bfloat16), want_cached)
 
 
 # --- lockstep on real expansions ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ it wrong fails loudly."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,6 +142,18 @@ def test_unexpected_tensor_fails_the_loader(tiny_model: TinyModel, tmp_path: Pat
         tm.load_model(broken)
 
 
+def test_near_miss_fails(tiny_model: TinyModel, tmp_path: Path) -> None:
+    """A copy whose o_proj is 1e-6 instead of 0 moves the logits by ~6e-5: any tolerance (allclose's
+    default, or 1e-3) would pass it, so the oracle must compare exactly."""
+    base = tiny_model("llama", "default")
+    near = expand_correctly(base, tmp_path / "x")  # layer 2 is the copy of layer 1
+    _rewrite(near, lambda sd: sd["model.layers.2.self_attn.o_proj.weight"].fill_(1e-6))
+    with pytest.raises(AssertionError, match=r"full: max \|Δ\| = ") as info:
+        tm.assert_identical(base, near)
+    deltas = [float(x) for x in re.findall(r"max \|Δ\| = ([0-9.e+-]+)", str(info.value))]
+    assert deltas and 0 < max(deltas) < 1e-3, deltas
+
+
 def test_vacuous_comparison_is_refused(tiny_model: TinyModel) -> None:
     base = tiny_model("llama", "default")
     with pytest.raises(AssertionError, match="vacuous"):
@@ -151,3 +164,9 @@ def test_sequence_shorter_than_window_is_refused(tiny_model: TinyModel, tmp_path
     base = tiny_model("mistral", "default")
     with pytest.raises(AssertionError, match="sliding windows"):
         tm.assert_identical(base, expand_correctly(base, tmp_path / "x"), seq_len=4)
+
+
+def test_every_family_is_compared_with_cached_decoding() -> None:
+    """docs/architectures.md promises cached decoding for every family: base-cached against expanded-cached
+    is exact for all of them, the Mamba-style ones included."""
+    assert [name for name, spec in tm.FAMILIES.items() if not spec.cached] == []

@@ -57,6 +57,20 @@ REPORT_KEYS = {
     "first_divergence_layer", "first_divergence_position", "divergence", "peak_bytes_loaded", "warnings",
     "seconds", "peak_rss_bytes", "peak_gpu_bytes", "serving",
 }  # fmt: skip
+# Every other (family, variant) of the oracle, so every registry family is verified end to end with the
+# transformers engine (test_every_registry_model_type_has_a_tiny_model keeps the oracle complete).
+try:
+    import tiny_models as _tm
+
+    OTHER_VARIANTS = [
+        pytest.param(f, v, id=f"{f}-{v}") for f, v in _tm.all_variants() if (f, v) not in VARIANTS
+    ]
+except ImportError:  # pragma: no cover - transformers is a dev dependency
+    OTHER_VARIANTS = []
+# Families whose layout takes only some plans: jamba's attention/expert periods need whole periods.
+PLANS: dict[str, dict[str, Any]] = {"jamba": {"every": 2, "copies": 2}}
+# Variants expand refuses (exit 3), with a word of the reason: there is nothing to verify.
+REFUSED = {("gpt2", "inverse_layer_idx"): "scale_attn_by_inverse_layer_idx"}
 STRUCTURAL_KEYS = {"ok", "mismatch", "layer", "tensor", "tensors_checked", "bytes_compared", "seconds"}
 INFERRED = "inferred from zero branch-final tensors"
 
@@ -77,14 +91,14 @@ def as_json(result: Any) -> dict[str, Any]:
 def expanded_tiny(
     tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., tuple[Path, Path]]:
-    """(base, expanded) for a tiny family/variant, expanded with --after 1,3. Read-only."""
+    """(base, expanded) for a tiny family/variant, expanded with --after 1,3 (or its PLANS). Read-only."""
     cache: dict[tuple[str, str], tuple[Path, Path]] = {}
 
     def make(family: str, variant: str = "default") -> tuple[Path, Path]:
         if (family, variant) not in cache:
             base = tiny_model(family, variant)
             out = tmp_path_factory.mktemp(f"exp-{family}-{variant}") / "expanded"
-            expand(base, out, after=AFTER)
+            expand(base, out, **PLANS.get(family, {"after": AFTER}))
             cache[family, variant] = (base, out)
         return cache[family, variant]
 
@@ -186,26 +200,45 @@ def test_demo_expansion_default_engine(demo: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.hf
-@pytest.mark.parametrize(
-    ("family", "variant"),
-    [("gemma3", "default"), ("qwen2_moe", "legacy"), ("gpt_oss", "default"), ("llama4", "default")],
-)
-def test_other_families_with_transformers(
-    expanded_tiny: Callable[..., tuple[Path, Path]], family: str, variant: str
+@pytest.mark.parametrize(("family", "variant"), OTHER_VARIANTS)
+def test_every_other_variant_is_identical_with_transformers(
+    expanded_tiny: Callable[..., tuple[Path, Path]],
+    tiny_model: Callable[..., Path],
+    family: str,
+    variant: str,
 ) -> None:
-    """Beyond the native engine's families: multimodal text_config (gemma3), MoE experts and their
-    biases (qwen2_moe, gpt-oss); the structural check works from the family records alone."""
-    import tiny_models
+    """Beyond the native engine's families: multimodal text_config (gemma3, llama4), MoE experts and their
+    biases (qwen2_moe, gpt-oss), MLA, hybrid Mamba/attention stacks; the structural check works from the
+    family records alone, and the numerical check compares cached decoding for every one of them."""
+    from llamapro_cli.errors import UnsupportedError
 
-    if (family, variant) not in tiny_models.all_variants():
-        pytest.skip(f"tiny_models has no {family}/{variant}")
+    if (family, variant) in REFUSED:
+        with pytest.raises(UnsupportedError, match=REFUSED[family, variant]):
+            expand(tiny_model(family, variant), tiny_model(family, variant).parent / "refused", after=AFTER)
+        return
     _, out = expanded_tiny(family, variant)
     report = verify_identity(out)
     assert (report.verdict, report.engine, report.full_max_abs, report.cached_max_abs) == (
         "identical", "transformers", 0.0, 0.0,
-    )  # fmt: skip
+    ), report.reason  # fmt: skip
+    assert report.greedy_tokens_equal and report.structural is not None and report.structural.ok
+    assert report.structural.tensors_checked > 0 and report.warnings == ()  # every window was exceeded
     result = cli("--out", out, "--engine", "native")
-    assert result.exit_code == 3 and f"the native engine does not support {family}" in result.stderr
+    assert result.exit_code == 3 and f"the native engine does not support {report.architecture}" in (
+        result.stderr
+    )
+
+
+@pytest.mark.hf
+def test_every_registry_model_type_has_a_tiny_model() -> None:
+    import tiny_models
+    import transformers
+
+    from llamapro_cli.architectures.registry import FAMILIES
+
+    built = {getattr(transformers, spec.config_class).model_type for spec in tiny_models.FAMILIES.values()}
+    supported = {t for family in FAMILIES if not family.refuse for t in family.model_types}
+    assert supported <= built, f"no tiny model for {sorted(supported - built)}"
 
 
 @pytest.mark.hf
@@ -375,6 +408,17 @@ def test_other_tools_output_is_mapped_and_verified(demo: tuple[Path, Path], tmp_
     assert f"layer mapping {INFERRED} (new<-source: 4<-3, 9<-7)" in result.stderr
 
 
+def test_inferred_mapping_finds_copies_of_earlier_layers(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--copies 2` puts a copy of layer 2 after layer 3: matched by fingerprint, not taken for a copy of
+    the layer just before it."""
+    base = demo[0]
+    expand(base, tmp_path / "pro", every=4, copies=2)
+    other = without_provenance(tmp_path / "pro", tmp_path)
+    report = verify_identity(other, base=base, numerical=False)
+    assert (report.verdict, report.mapping, report.new_layers) == ("identical", INFERRED, (4, 5, 10, 11))
+    assert f"layer mapping {INFERRED} (new<-source: 4<-2, 5<-3, 10<-6, 11<-7)" in report.warnings[0]
+
+
 @pytest.mark.hf
 def test_other_tools_output_with_transformers(
     expanded_tiny: Callable[..., tuple[Path, Path]], tmp_path: Path
@@ -412,12 +456,58 @@ def test_count_only_config_edit_is_caught(tiny_model: Callable[..., Path], tmp_p
 
 
 def test_no_consistent_mapping_exits_3(demo: tuple[Path, Path], tmp_path: Path) -> None:
-    _, out = demo
+    import torch
+
+    base, out = demo
     other = without_provenance(out, tmp_path)
-    result = cli("--in", out, "--out", other)  # a 10-layer "base" for 8 originals + 2 copies
+    for name in json.loads((out / "llamapro.json").read_text())["zeroed"]:
+        edit_tensor(other, name, lambda t: torch.full_like(t, 1e-3))  # no layer is a zeroed copy any more
+    result = cli("--in", base, "--out", other)
     assert result.exit_code == 3
-    assert "no consistent mapping" in result.stderr and result.stderr.startswith("error: ")
+    assert result.stderr.startswith(
+        f"error: {other}: found 0 zeroed layers and 10 others, but the base has 8 layers; "
+        "no consistent mapping"
+    )
     assert result.stdout == ""
+
+
+def test_same_layer_count_is_no_expansion(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    """What a trained model (trainers save no llamapro.json) checked against the model it was trained
+    from looks like: as many layers, so no mapping to infer; the hint names the check that fits."""
+    _, out = demo
+    trained = without_provenance(out, tmp_path)
+    result = cli("--in", out, "--out", trained)
+    assert result.exit_code == 3 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: {trained} has as many layers as {out} (10), so it is not an expansion of it",
+        f"hint: if it is {out} after training, check what training changed with: llamapro verify-frozen "
+        f"--map {out} --trained {trained}",
+    ]
+
+
+def test_model_expanded_twice_verifies_against_its_grandparent(
+    demo: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, pro = demo
+    expand(pro, tmp_path / "pro-re", after=(0, 5))  # 10 -> 12 layers; its record nests pro's as parent
+    result = cli("--in", base, "--out", tmp_path / "pro-re", "--engine", "native", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = as_json(result)
+    assert (doc["mapping"], doc["num_layers_in"], doc["num_layers_out"]) == (
+        "llamapro.json (2 expansions composed)", 8, 12,
+    )  # fmt: skip
+    # pro: 0 1 2 3 [3] 4 5 6 7 [7]; pro-re copies pro's layer 0 after it and pro's layer 5 (base 4).
+    assert doc["new_layers"] == [1, 5, 7, 11] and doc["warnings"] == []
+    parent = verify_identity(tmp_path / "pro-re", base=pro, numerical=False)
+    assert (parent.mapping, parent.new_layers, parent.verdict) == ("llamapro.json", (1, 7), "identical")
+    assert verify_identity(tmp_path / "pro-re", numerical=False).base == str(pro)  # the recorded source
+    # A changed original layer is found against the grandparent too, named in its own terms.
+    edit_tensor(tmp_path / "pro-re", "model.layers.9.mlp.up_proj.weight", lambda t: t * 2)
+    report = verify_identity(tmp_path / "pro-re", base=base, numerical=False)
+    assert report.verdict == "different" and report.reason == (
+        "layer 9 (base layer 6): model.layers.9.mlp.up_proj.weight differs from "
+        "model.layers.6.mlp.up_proj.weight in the base"
+    )
 
 
 def test_wrong_base_exits_3(demo: tuple[Path, Path]) -> None:
@@ -452,6 +542,7 @@ def test_json_schema(demo: tuple[Path, Path]) -> None:
     assert result.exit_code == 0, result.stderr
     doc = as_json(result)
     assert set(doc) == REPORT_KEYS and doc["schema_version"] == 1
+    assert doc["serving"] is None  # only a serving engine (vllm, llama.cpp, mlx) fills it
     assert set(doc["structural"]) == STRUCTURAL_KEYS
     assert (doc["tokens"], doc["prefill"], doc["decode_steps"], doc["seed"], doc["atol"]) == (
         20,
@@ -638,3 +729,72 @@ def test_window_of_layers_with_several_kind_words_is_active(
     kinds = layer_kinds(ckpt.family, ckpt.config) or []
     assert any(" " in k and ("chunked" in k or "sliding" in k) for k in kinds)
     assert active_window(ckpt) == window
+
+
+# --- progress: every phase, on a terminal or not -----------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", [pytest.param("transformers", marks=pytest.mark.hf), "native"])
+def test_every_phase_reports_progress(
+    demo: tuple[Path, Path], engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llamapro_cli.verify.progress import Phase, RunProgress
+
+    phases: list[Phase] = []
+    real = RunProgress.__call__
+
+    def record(self: RunProgress, phase: Phase, done: int, total: int) -> None:
+        if not phases or phases[-1] != phase:
+            phases.append(phase)
+        real(self, phase, done, total)
+
+    monkeypatch.setattr(RunProgress, "__call__", record)
+    seen: list[tuple[int, int]] = []
+    report = verify_identity(demo[1], engine=engine, tokens=12, progress=lambda d, t: seen.append((d, t)))
+    assert report.verdict == "identical"
+    if engine == "native":
+        assert phases == [Phase.STRUCTURAL, Phase.LOCKSTEP]
+    else:
+        assert phases == [
+            Phase.STRUCTURAL, Phase.LOAD_BASE, Phase.RUN_BASE, Phase.LOAD_EXPANDED, Phase.RUN_EXPANDED,
+        ]  # fmt: skip
+    done = [d for d, _ in seen]
+    assert len({t for _, t in seen}) == 1 and done == sorted(done) and done[-1] == seen[-1][1] > 0
+    assert len(set(done)) > 20  # many steps, not a jump at the end
+
+
+def test_a_silent_phase_still_shows_life(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from llamapro_cli.verify import progress
+
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.01)
+    seen: list[tuple[int, int]] = []
+    run = progress.RunProgress(lambda d, t: seen.append((d, t)), [(progress.Phase.LOAD_BASE, 100)])
+    run(progress.Phase.LOAD_BASE, 1, 4)
+    with run.alive():
+        time.sleep(0.2)  # as transformers loading a model: nothing reported from inside
+    assert seen[0] == (25, 100) and len(seen) >= 3 and set(seen) == {(25, 100)}
+    run(progress.Phase.LOAD_BASE, 0, 4)  # progress never goes back
+    assert seen[-1] == (25, 100)
+
+
+def test_progress_lines_on_a_pipe(demo: tuple[Path, Path]) -> None:
+    """Not a terminal (CI, `2> log`): plain lines on stderr; LLAMAPRO_PROGRESS_INTERVAL=0 prints each
+    update instead of one every ~10 s. stdout carries the report only."""
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLAMAPRO_PROGRESS_INTERVAL": "0", "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamapro_cli", "verify-identity", "--out", str(demo[1]), "--tokens", "12"],
+        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("verdict: IDENTICAL\n") and "verify-identity:" not in proc.stdout
+    line = re.compile(r"verify-identity: (\S+ [KMG]?B) of (\S+ [KMG]?B) \((\d+)%\), \d+ s")
+    found = [line.fullmatch(text) for text in proc.stderr.splitlines()]
+    assert found and all(found), proc.stderr
+    percents = [int(m.group(3)) for m in found if m]
+    assert len(set(percents)) > 10 and percents == sorted(percents) and percents[-1] == 100

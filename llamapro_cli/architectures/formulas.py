@@ -26,6 +26,12 @@ def _int(config: Config, key: str, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def _first(config: Config, keys: tuple[str, ...], default: int) -> int:
+    """The first of a key and its aliases (transformers' `attribute_map`) that is set: `keys` in the
+    order transformers lets one win over the other when a config carries both."""
+    return next((_int(config, k, default) for k in keys if config.get(k) is not None), default)
+
+
 def _key(key: str, kind: ValueKind) -> ConfigKey:
     return ConfigKey(key, kind)
 
@@ -77,14 +83,14 @@ QWEN2_MOE_LAYER_TYPES = Formula(
 def every_kth_full(key: str | None, default: int, other: str, source: str) -> Formula:
     """`other` unless (i+1) % k == 0, then full attention (gemma2/3, cohere2, olmo3, gpt-oss, qwen3_next).
 
-    `key` names the period's config key (also read as `_key`, which gemma3 configs save); None: fixed."""
+    `key` names the period's config key; None: a fixed period. (Saved configs may also carry a private
+    `_key`: transformers ignores it when it derives layer_types, so do we.)"""
 
     def derive(config: Config, n: int) -> list[str]:
-        k = _int(config, key, _int(config, f"_{key}", default)) if key else default
+        k = _int(config, key, default) if key else default
         return [other if (i + 1) % k else "full_attention" for i in range(n)]
 
-    reads = (_key(key, POSITIVE), _key(f"_{key}", POSITIVE)) if key else ()
-    return Formula(derive, reads, source)
+    return Formula(derive, (_key(key, POSITIVE),) if key else (), source)
 
 
 def threshold_default(key: str, default: int, source: str) -> Formula:
@@ -100,23 +106,23 @@ def threshold_default(key: str, default: int, source: str) -> Formula:
 # --- MoE layouts ----------------------------------------------------------------------------------------
 
 
-def _qwen_moe_dense(config: Config, n: int) -> list[bool]:
-    # MoE iff i not in mlp_only_layers, experts exist and (i+1) % decoder_sparse_step == 0.
-    # Written back as step 1 + explicit mlp_only_layers.
-    only = set(config.get("mlp_only_layers") or ())
-    experts, step = _int(config, "num_experts", 60), _int(config, "decoder_sparse_step", 1)
-    return [i in only or experts <= 0 or (i + 1) % step != 0 for i in range(n)]
+def qwen_moe_dense(experts_keys: tuple[str, ...], source: str) -> Formula:
+    """Dense flags: MoE iff i not in mlp_only_layers, experts exist and (i+1) % decoder_sparse_step == 0.
+    Written back as step 1 + explicit mlp_only_layers. `experts_keys`: the expert count's key, then its
+    aliases (qwen3_moe saves `num_local_experts` and reads `num_experts` as an alias of it)."""
 
+    def derive(config: Config, n: int) -> list[bool]:
+        only = set(config.get("mlp_only_layers") or ())
+        experts = _first(config, experts_keys, 1)  # every default is positive: only <= 0 matters
+        step = _int(config, "decoder_sparse_step", 1)
+        return [i in only or experts <= 0 or (i + 1) % step != 0 for i in range(n)]
 
-QWEN_MOE_DENSE = Formula(
-    _qwen_moe_dense,
-    (
+    reads = (
         _key("mlp_only_layers", ValueKind.INDICES),
-        _key("num_experts", COUNT),
+        *(_key(k, COUNT) for k in experts_keys),
         _key("decoder_sparse_step", POSITIVE),
-    ),
-    "qwen2_moe/qwen3_moe/qwen3_next modeling_*.py: DecoderLayer.__init__ picks the sparse block",
-)
+    )
+    return Formula(derive, reads, f"{source}: DecoderLayer.__init__ picks the sparse block")
 
 
 def _llama4_no_rope(config: Config, n: int) -> list[int]:
@@ -147,7 +153,7 @@ LLAMA4_MOE = Formula(
 def _llama4_layer_types(config: Config, n: int) -> list[str]:
     raw = config.get("no_rope_layers")
     rope = raw if isinstance(raw, list) and len(raw) == n else _llama4_no_rope(config, n)
-    chunked = config.get("attention_chunk_size") is not None
+    chunked = config.get("attention_chunk_size", 8192) is not None  # absent: the class default 8192
     return ["chunked_attention" if r and chunked else "full_attention" for r in rope]
 
 
@@ -223,7 +229,7 @@ def _jamba_kinds(config: Config, n: int) -> list[str]:
     # expert_layer_offset (with more than one expert); neither is writable as a list.
     ap, ao = _int(config, "attn_layer_period", 8), _int(config, "attn_layer_offset", 4)
     ep, eo = _int(config, "expert_layer_period", 2), _int(config, "expert_layer_offset", 1)
-    experts = _int(config, "num_experts", 16) > 1
+    experts = _first(config, ("num_local_experts", "num_experts"), 16) > 1  # the alias wins in 5.25
     return [
         ("attention" if i % ap == ao else "mamba") + (" moe" if experts and i % ep == eo else " dense")
         for i in range(n)
@@ -237,6 +243,7 @@ JAMBA_KINDS = Formula(
         _key("attn_layer_offset", COUNT),
         _key("expert_layer_period", POSITIVE),
         _key("expert_layer_offset", COUNT),
+        _key("num_local_experts", COUNT),
         _key("num_experts", COUNT),
     ),
     "jamba/configuration_jamba.py: layers_block_type, layers_num_experts",

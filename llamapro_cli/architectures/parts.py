@@ -89,9 +89,18 @@ QWEN_MAX_WINDOW = LayerField(
     f.threshold_default("max_window_layers", 28, "qwen2/configuration_qwen2.py: max_window_layers"),
     relevant=lambda config: bool(config.get("use_sliding_window", False)),
 )
-QWEN_MOE = LayerField(
-    "mlp_only_layers", FieldKind.INDEX_SET, f.QWEN_MOE_DENSE, derive_always=True, label=f.dense_moe
+
+
+def qwen_moe(formula: Formula) -> LayerField:
+    """Qwen's dense/MoE layout, written back as explicit `mlp_only_layers` (with decoder_sparse_step 1)."""
+    return LayerField("mlp_only_layers", FieldKind.INDEX_SET, formula, derive_always=True, label=f.dense_moe)
+
+
+QWEN2_MOE = qwen_moe(f.qwen_moe_dense(("num_experts",), "qwen2_moe/modeling_qwen2_moe.py"))
+QWEN3_MOE = qwen_moe(
+    f.qwen_moe_dense(("num_local_experts", "num_experts"), "qwen3_moe/modeling_qwen3_moe.py")
 )
+QWEN3_NEXT_MOE = qwen_moe(f.qwen_moe_dense(("num_experts",), "qwen3_next/modeling_qwen3_next.py"))
 STEP_1 = (("decoder_sparse_step", 1),)  # explicit mlp_only_layers carry the dense/MoE layout
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from typing import Any
 
+from llamapro_cli.errors import InputError
+
 Config = Mapping[str, Any]
 
 # A layer index in a tensor name: ASCII digits, no leading zero, at most 6 of them (a million layers).
@@ -36,9 +38,16 @@ def split_layer_name(name: str, prefix: str) -> tuple[int, str] | None:
     writes: `str(i)`) and a printable rest; anything else is refused (exit 3) naming the tensor, because
     two spellings of one index, or a name that only looks like a layer, would be read as another tensor.
     """
-    m = re.match(rf"^{re.escape(prefix)}(\d+)\.(.+)$", name)
-    if m is None:
+    if not name.startswith(prefix):
         return None
+    m = _LAYER_NAME.fullmatch(name, len(prefix))
+    if m is None or not m.group(2).isprintable():
+        shown = json.dumps(name)
+        raise InputError(
+            f"tensor {shown if len(shown) <= 120 else shown[:117] + '...'}: malformed layer name (expected "
+            f"{prefix}<index>.<name>: an index of at most {MAX_INDEX_DIGITS} ASCII digits without leading "
+            "zeros, a printable name)"
+        )
     return int(m.group(1)), m.group(2)
 
 
@@ -238,7 +247,7 @@ class Family:
 
     def is_zeroed(self, relative_name: str) -> bool:
         # re.ASCII: `\d` in an expert index means 0-9, as in every other layer-indexed name.
-        return any(re.fullmatch(p, relative_name) for p in self.zero)
+        return any(re.fullmatch(p, relative_name, re.ASCII) for p in self.zero)
 
     def sub_config(self, config: Config) -> Config:
         """The (sub-)config that holds the layer count and per-layer fields (`{}` where there is none)."""

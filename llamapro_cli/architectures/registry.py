@@ -54,6 +54,7 @@ def family_for(config: Config) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             _refuse(fam.refuse, str(model_type))
+            check_config(fam, config)
             _refuse(fam.refusal(fam.sub_config(config)) if fam.refusal else None, str(model_type))
             _check_quantization(config, str(model_type))
             return fam

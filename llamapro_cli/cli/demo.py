@@ -12,15 +12,16 @@ from typing import Annotated
 import typer
 
 from llamapro_cli.cli import console
-from llamapro_cli.cli.options import CommandSpec
+from llamapro_cli.cli.options import CommandSpec, integer
 
+MAX_LAYERS = 1024
 EXAMPLES = ("llamapro demo-checkpoint ./demo-llama && llamapro inspect ./demo-llama",)
 
 
 def demo_checkpoint(
     out: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to create (must not exist).")],
-    layers: Annotated[int, typer.Option(metavar="N", help="Number of decoder layers.")] = 8,
-    seed: Annotated[int, typer.Option(metavar="N", help="Random seed for the weights.")] = 0,
+    layers: Annotated[int, integer("--layers", help="Number of decoder layers (1 to 1024).")] = 8,
+    seed: Annotated[int, integer("--seed", help="Random seed for the weights.")] = 0,
 ) -> None:
     """Write a small Llama checkpoint with seeded random bf16 weights (for demos and trying things out)."""
     from llamapro_cli.demo import write_demo_checkpoint
@@ -28,8 +29,8 @@ def demo_checkpoint(
 
     if out.exists():
         raise OutputError(f"{out} already exists", hint="choose a new folder")
-    if layers < 1:
-        raise UsageError("--layers must be at least 1")
+    if not 1 <= layers <= MAX_LAYERS:  # a demo: 1024 layers are already 1.5 GB
+        raise UsageError(f"--layers must be 1 to {MAX_LAYERS}, got {layers}")
     write_demo_checkpoint(out, seed=seed, layers=layers)
     console.note(f"wrote a {layers}-layer demo Llama checkpoint to {out}")
 

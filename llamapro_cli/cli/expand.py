@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -18,11 +20,12 @@ from llamapro_cli.card import human_count
 from llamapro_cli.cli import console
 from llamapro_cli.cli.console import human_bytes, new_layer_pairs
 from llamapro_cli.cli.hub import check_push_options, push_after_expand
-from llamapro_cli.cli.options import CommandSpec, JsonOpt, PrivateOpt, QuietOpt, RevisionOpt, choice
+from llamapro_cli.cli.options import CommandSpec, JsonOpt, PrivateOpt, QuietOpt, RevisionOpt, choice, integer
 from llamapro_cli.plan import Placement, plan_options
 
 if TYPE_CHECKING:
     from llamapro_cli.expand import ExpandReport
+    from llamapro_cli.shards import ShardSummary
 
 EXAMPLES = (
     "llamapro expand --every 4 --in ./llama2-7b --out ./pro-8b      (32 -> 40 layers, LLaMA Pro)",
@@ -43,13 +46,13 @@ def expand(
     ],
     every: Annotated[
         int | None,
-        typer.Option(
-            metavar="N", help="After each complete group of N layers, copy the group's top layer(s)."
-        ),
+        integer("--every", help="After each complete group of N layers, copy the group's top layer(s)."),
     ] = None,
     copies: Annotated[
         int | None,
-        typer.Option(metavar="P", help="With --every: copy the top P layers of each group (1 <= P <= N)."),
+        integer(
+            "--copies", metavar="P", help="With --every: copy the top P layers of each group (1 <= P <= N)."
+        ),
     ] = None,
     after: Annotated[
         str | None,
@@ -58,7 +61,7 @@ def expand(
         ),
     ] = None,
     add: Annotated[
-        int | None, typer.Option(metavar="K", help="Add K copies, laid out by --placement.")
+        int | None, integer("--add", metavar="K", help="Add K copies, laid out by --placement.")
     ] = None,
     placement: Annotated[
         Placement,
@@ -102,6 +105,8 @@ def expand(
 
     Streams byte ranges from the input shards (any dtype, memory at the size of the headers) into a
     temporary folder beside --out, renamed into place only when complete. The input is never modified.
+    Where input and output share a copy-on-write filesystem (XFS with reflink, btrfs), the input's
+    blocks are cloned instead of copied (LLAMAPRO_ENGINE=clone|direct|buffered forces an engine).
     """
     from llamapro_cli.expand import expand as run_expand
     from llamapro_cli.plan import parse_after
@@ -134,6 +139,10 @@ def expand(
                 "not copied (other weight formats, unknown files, links out of the folder): "
                 + ", ".join(report.not_copied)
             )
+    if not quiet:
+        oversized = oversized_shards(report, max_shard_size)
+        if oversized:
+            console.note(f"note: {oversized}")
     if json_:
         console.print_json(report)
     else:
@@ -143,6 +152,33 @@ def expand(
 
 
 COMMAND = CommandSpec("expand", expand, EXAMPLES)
+
+
+def oversized_shards(report: ExpandReport, max_shard_size: str) -> str | None:
+    """One line when shards exceed --max-shard-size. The split follows huggingface_hub: the limit counts
+    tensor bytes (each header comes on top) and a tensor is never split, so one larger than the limit
+    gets a shard of its own, bigger than the limit."""
+    from llamapro_cli.shards import parse_size
+
+    limit = parse_size(max_shard_size)
+    over = [s for s in report.shards if s.bytes > limit]
+    if not over:
+        return None
+    largest = max(over, key=lambda s: s.bytes)
+    verb = "would be" if report.dry_run else ("is" if len(over) == 1 else "are")
+    if len(over) == 1:
+        what = f"{largest.name} ({human_bytes(largest.bytes)}) {verb} over --max-shard-size {max_shard_size}"
+    else:
+        what = (
+            f"{len(over)} shards {verb} over --max-shard-size {max_shard_size} (the largest: "
+            f"{largest.name}, {human_bytes(largest.bytes)})"
+        )
+    why = (
+        "a tensor larger than the limit gets a shard of its own (tensors are never split)"
+        if all(s.tensors == 1 for s in over)
+        else "the limit counts tensor bytes, as in huggingface_hub, and each header comes on top"
+    )
+    return f"{what}: {why}"
 
 
 def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
@@ -157,9 +193,10 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         ("parameters", f"{human_count(report.parameters_in)} -> {human_count(report.parameters_out)}"),
         ("zeroed tensors", str(report.zeroed)),
         (verb, f"{human_bytes(report.total_size)} in {len(report.shards)} shard(s)"),
-        ("free space", human_bytes(report.free_space)),
+        ("free space", "unknown" if report.free_space is None else human_bytes(report.free_space)),
     ]
     if not report.dry_run:
+        rows.append(("engine", _engines(report.shards)))
         rows.append(("time", f"{report.seconds:.1f} s"))
     console.print_rows(rows)
     if report.dry_run:
@@ -176,3 +213,11 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         )
     elif copies and not quiet:
         console.note(f"next: llamapro verify-identity --out {report.out}")
+
+
+def _engines(shards: Sequence[ShardSummary]) -> str:
+    """Which engine wrote the shards: "clone", or "direct (3 shards), buffered (1 shard)"."""
+    counts = Counter(shard.engine for shard in shards)
+    if len(counts) == 1:
+        return str(next(iter(counts)))
+    return ", ".join(f"{name} ({n} shard{'s' if n > 1 else ''})" for name, n in counts.items())

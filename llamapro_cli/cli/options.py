@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand
 
 from llamapro_cli.errors import UsageError
+from llamapro_cli.plan import parse_int
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -66,6 +67,19 @@ def choice(enum: type[E], option: str, *aliases: str, help: str) -> Any:
         autocompletion=lambda: values,
         help=help,
     )
+
+
+def integer(option: str, *, metavar: str = "N", help: str) -> Any:
+    """An integer option read by `plan.parse_int`, the one bounded parser of numbers in option text: at
+    most 18 ASCII digits, so 5000 digits are a one-line usage error (exit 2), never an overflow deeper
+    in. Ranges are checked where the meaning is (the plan, the verifier), with messages that say why."""
+
+    def parse(value: str | int) -> int:
+        if isinstance(value, int):
+            return value
+        return parse_int(value, option=option, what="an integer", hint=f"e.g. {option} 4")
+
+    return typer.Option(option, parser=parse, metavar=metavar, help=help)
 
 
 def roles(text: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import typer
 from llamapro_cli.cli import console
 from llamapro_cli.cli.console import human_bytes, layer_ranges
 from llamapro_cli.cli.engines_cmds import EnginePythonOpt, serving_rows
-from llamapro_cli.cli.options import CommandSpec, JsonOpt, QuietOpt, choice
+from llamapro_cli.cli.options import CommandSpec, JsonOpt, QuietOpt, choice, integer
 from llamapro_cli.verify.identity import Device, DType, Engine
 
 if TYPE_CHECKING:
@@ -67,11 +67,11 @@ def verify_identity(
     ] = DType.AUTO,
     tokens: Annotated[
         int | None,
-        typer.Option(
-            metavar="N", help="Length of the random token sequence (default: 32, or past the sliding window)."
+        integer(
+            "--tokens", help="Length of the random token sequence (default: 32, or past the sliding window)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the random token ids.")] = 0,
+    seed: Annotated[int, integer("--seed", help="Seed of the random token ids.")] = 0,
     prompt: Annotated[
         str | None,
         typer.Option(metavar="TEXT", help="Use this text, through the checkpoint's tokenizer, instead."),
@@ -125,7 +125,7 @@ COMMAND = CommandSpec("verify-identity", verify_identity, EXAMPLES, after=AFTER_
 def render_identity(report: IdentityReport) -> None:
     """The verdict on one unwrapped, greppable line, then the figures."""
     verdict = "IDENTICAL" if report.verdict == "identical" else f"DIFFERENT: {report.reason}"
-    console.write(f"verdict: {verdict}\n")
+    console.print_line(f"verdict: {verdict}")  # plain: greppable, never wrapped
     rows = [
         (
             "expanded",
@@ -163,11 +163,13 @@ def _structure(result: StructuralResult | None) -> str:
 
 def _numbers(report: IdentityReport) -> list[tuple[str, str]]:
     seed = f", seed {report.seed}" if report.seed is not None else ""
+    # "32 random token ids" names its unit; a prompt needs it said: "15 prompt tokens".
+    what = "prompt tokens" if report.input == "prompt" else report.input
     rows = [
         ("engine", f"{report.engine} on {report.device}, {report.dtype}"),
         (
             "input",
-            f"{report.tokens} {report.input}{seed}: prefill {report.prefill}, then "
+            f"{report.tokens} {what}{seed}: prefill {report.prefill}, then "
             f"{report.decode_steps} cached one-token steps and {report.decode_steps} greedy tokens",
         ),
         (

@@ -6,9 +6,9 @@ names each tensor by the map's key whatever prefix, sharding or file layout the 
 whose dtype changed (trainers upcast trainable tensors to fp32) is converted back to its original dtype
 chunk by chunk, and only when that round trip is exact can it still be "unchanged".
 
-Invariant: tensor data is streamed in bounded chunks (at most `CHUNK` bytes per read); the report, not
-an exception, says whether the check failed. Must not: print, choose exit codes, import torch except to
-convert dtypes.
+Invariant: tensor data is streamed in bounded chunks (at most `io.ranges.CHUNK` bytes per read); the
+report, not an exception, says whether the check failed. Must not: print, choose exit codes, import
+torch except to convert dtypes.
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamapro_cli.architectures.families import FAMILIES
 from llamapro_cli.architectures.record import layer_index
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
-from llamapro_cli.freeze.manifest import load_manifest
-from llamapro_cli.freeze.map import FreezeMap, TensorEntry, freeze_map
-from llamapro_cli.freeze.trained import TrainedTensor, open_trained
-from llamapro_cli.io.ranges import CHUNK, read_chunks
+from llamapro_cli.freeze.apply import reference_map
+from llamapro_cli.freeze.claims import check_new_layers, zero_by_digest, zero_by_value
+from llamapro_cli.freeze.manifest import manifest_family
+from llamapro_cli.freeze.map import FreezeMap, TensorEntry
+from llamapro_cli.freeze.trained import TrainedTensor, is_lora, lora_target, open_trained
+from llamapro_cli.io import ranges
+from llamapro_cli.io.header import tensor_nbytes
+from llamapro_cli.io.ranges import read_chunks
 
 Progress = Callable[[int, int], None]
 REF_DIGESTS = "sha256 digests recorded by expand --digests"
@@ -91,9 +94,11 @@ def verify_frozen(
 ) -> FrozenReport:
     """Compare a trained checkpoint with a freeze map (a manifest file, or an expanded checkpoint)."""
     started = time.monotonic()
-    fm, label = _load_map(map_or_expanded, also)
+    fm, label = reference_map(map_or_expanded, also)
     reference = _reference(fm)
     _refuse_self_comparison(reference, Path(trained))
+    if isinstance(map_or_expanded, FreezeMap) or not Path(map_or_expanded).expanduser().is_dir():
+        _check_claims(fm, reference, label)  # a folder's record was checked by freeze_map()
     heads = tied_heads(fm)
     files, tensors, stripped, extra = open_trained(Path(trained), fm, heads=heads)
     for head, embeddings in heads.items():
@@ -105,18 +110,27 @@ def verify_frozen(
     for head, embeddings in heads.items():
         if head in tensors:  # the trainer untied the head: it must still be the embedding matrix
             audit.check(head, tensors[head], like=embeddings)
+    for raw in extra:  # unmerged LoRA matrices change the weight they adapt at load time
+        target = lora_target(raw)
+        if is_lora(raw) and target in fm.tensors and target not in audit.trainable:
+            audit.changed.append(Changed(target, f"a LoRA adapter on it was saved ({raw})"))
     return audit.report(label, str(trained), files, stripped, extra, time.monotonic() - started)
 
 
-def _load_map(source: str | Path | FreezeMap, also: Sequence[str]) -> tuple[FreezeMap, str]:
-    if isinstance(source, FreezeMap):
-        return source, source.checkpoint
-    path = Path(source).expanduser()
-    if path.is_file():
-        if also:
-            raise UsageError("--also applies when --map is a checkpoint folder; a manifest records its roles")
-        return load_manifest(path), str(path)
-    return freeze_map(source, also=also), str(source)
+def _check_claims(fm: FreezeMap, ref: _Reference, label: str) -> None:
+    """A manifest's new layers must be identity copies in what it was made from (digests or bytes):
+    otherwise an original layer would be audited as trainable."""
+    family = manifest_family(fm, label)
+    if ref.ckpt is None:
+        digests = {n: e.sha256 for n, e in fm.tensors.items()}
+        is_zero = zero_by_digest(digests, lambda n: tensor_nbytes(fm.tensors[n].dtype, fm.tensors[n].shape))
+    else:
+        is_zero = zero_by_value(ref.ckpt)
+    hint = (
+        "the map does not describe the expanded checkpoint (edited, or made from trained weights): "
+        "use the expanded checkpoint or the manifest written before training"
+    )
+    check_new_layers(family, fm.layer_prefix, fm.tensors, fm.new_layers, is_zero, where=label, hint=hint)
 
 
 class _Reference:
@@ -146,10 +160,9 @@ class _Reference:
 def tied_heads(fm: FreezeMap) -> dict[str, str]:
     """Head keys a tied map does not store -> the embedding key they are (a trained checkpoint may hold
     them once the trainer unties the head; they are then the frozen embedding matrix, or changed)."""
-    family = next((f for f in FAMILIES if f.name == fm.architecture), None)
-    if not fm.tied_embeddings or family is None:
+    if not fm.tied_embeddings:
         return {}
-    roles = family.for_checkpoint(fm.tensors).roles
+    roles = manifest_family(fm, fm.checkpoint).roles
     embeddings = next((e for e in roles.embeddings if e in fm.tensors), None)
     return {h: embeddings for h in roles.head if embeddings and h not in fm.tensors}
 
@@ -168,6 +181,9 @@ def _reference(fm: FreezeMap) -> _Reference:
         info = ckpt.info(name) if name in ckpt.weight_map else None
         if info is None or info.dtype != entry.dtype or info.shape != entry.shape:
             raise InputError(f"{ckpt.root}: tensor {name} differs from the freeze map's record of it")
+    unknown = next((n for n in ckpt.weight_map if n not in fm.tensors), None)
+    if unknown is not None:  # a tensor the map leaves out would never be audited
+        raise InputError(f"{ckpt.root}: tensor {unknown} is not in the freeze map")
     return _Reference(fm, ckpt)
 
 
@@ -309,7 +325,8 @@ class _Conversion:
         src = getattr(torch, TORCH_DTYPES[self.t.info.dtype])
         dst = getattr(torch, TORCH_DTYPES[self.dtype])
         width = torch.empty((), dtype=src).element_size()
-        step = max(width, CHUNK - CHUNK % width)  # whole elements per chunk
+        size = ranges.CHUNK  # read at call time, so a test can lower it to cross chunk boundaries
+        step = max(width, size - size % width)  # whole elements per chunk
         for view in read_chunks(self.t.path, self.t.offset, self.t.info.nbytes, step):
             chunk = torch.frombuffer(view, dtype=src)  # shares the read buffer: no copy
             converted = chunk.to(dst)

@@ -26,6 +26,7 @@ from pathlib import Path
 from llamapro_cli.architectures.record import Family
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
+from llamapro_cli.freeze.claims import check_new_layers, zero_by_digest, zero_by_value
 from llamapro_cli.lineage import layer_mapping, zeroed_layers
 
 MANIFEST_SCHEMA = 1
@@ -92,6 +93,15 @@ class FreezeMap:
         return counts
 
 
+@dataclass(frozen=True)
+class NewLayers:
+    """Which layers training updates, the layer each was copied from (None when unknown), and how."""
+
+    indices: tuple[int, ...]
+    sources: tuple[int, ...] | None
+    found_by: str
+
+
 def freeze_map(
     checkpoint: str | Path | Checkpoint, *, also: Iterable[str | Role] = (), revision: str | None = None
 ) -> FreezeMap:
@@ -100,13 +110,20 @@ def freeze_map(
         checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint, revision=revision)
     )
     roles = parse_roles(also)
-    new_layers, sources, found_by = _new_layers(ckpt)
+    digests = _digests(ckpt)
+    return build_map(ckpt, _new_layers(ckpt, digests), roles, digests)
+
+
+def build_map(
+    ckpt: Checkpoint, layers: NewLayers, roles: Sequence[Role], digests: Mapping[str, str] | None
+) -> FreezeMap:
+    """The map of `ckpt` with `layers` trainable (plus `roles`); `digests` describe its tensors."""
     family = ckpt.family
     tied = is_tied(ckpt)
     notes: list[str] = []
     role_names = _resolve_roles(ckpt, roles, tied, notes)
+    new_layers = layers.indices
     trainable_keys = {n for n in ckpt.weight_map if family.layer_of(n) in new_layers} | role_names
-    digests = _digests(ckpt)
     tensors = {
         name: TensorEntry(
             dtype=ckpt.info(name).dtype,
@@ -118,26 +135,24 @@ def freeze_map(
     }
     if tied and not {Role.EMBEDDINGS, Role.HEAD} & set(roles):
         notes.append(_tied_note(ckpt))
-    if found_by == FOUND_BY_ZEROS:
+    if layers.found_by == FOUND_BY_ZEROS:
         notes.append(
             "no llamapro.json: the new layers were found because their branch-final tensors are all zero; "
             "after training starts they no longer are, so keep this map (--format json) before training"
         )
     notes.extend(_parent_note(ckpt, new_layers))
-    return _build(ckpt, tensors, trainable_keys, new_layers, sources, found_by, roles, tied, notes, digests)
+    return _build(ckpt, tensors, trainable_keys, layers, tuple(roles), tied, notes, digests)
 
 
 def _build(
     ckpt: Checkpoint,
     tensors: dict[str, TensorEntry],
     trainable_keys: set[str],
-    new_layers: tuple[int, ...],
-    sources: tuple[int, ...] | None,
-    found_by: str,
+    layers: NewLayers,
     roles: tuple[Role, ...],
     tied: bool,
     notes: list[str],
-    digests: dict[str, str] | None,
+    digests: Mapping[str, str] | None,
 ) -> FreezeMap:
     family = ckpt.family
     trainable = tuple(n for n in tensors if n in trainable_keys)
@@ -148,9 +163,9 @@ def _build(
         checkpoint=ckpt.repo_id or str(ckpt.root),
         architecture=family.name,
         num_layers=ckpt.num_layers,
-        new_layers=new_layers,
-        sources=sources,
-        found_by=found_by,
+        new_layers=layers.indices,
+        sources=layers.sources,
+        found_by=layers.found_by,
         layer_prefix=family.layer_prefix,
         memory_prefix=memory_name(family, family.layer_prefix),
         also=tuple(r.value for r in roles),
@@ -175,20 +190,29 @@ def _parameters(tensors: Mapping[str, TensorEntry], keys: Sequence[str]) -> tupl
     return tuple(dict.fromkeys(n for n in names if n is not None))
 
 
-def _new_layers(ckpt: Checkpoint) -> tuple[tuple[int, ...], tuple[int, ...] | None, str]:
+def _new_layers(ckpt: Checkpoint, digests: Mapping[str, str] | None) -> NewLayers:
     if ckpt.provenance is not None:
         plan = layer_mapping(ckpt).plan
         copies = [layer for layer in plan.layers if layer.identity]
-        return tuple(c.index for c in copies), tuple(c.source for c in copies), FOUND_BY_RECORD
+        indices = tuple(c.index for c in copies)
+        # The record only says which layers are new: check it against the weights before trusting it.
+        # With digests, against them (the folder may have been trained in place since).
+        is_zero = zero_by_digest(digests, lambda n: ckpt.info(n).nbytes) if digests else zero_by_value(ckpt)
+        where = str(ckpt.root / "llamapro.json")
+        check_new_layers(
+            ckpt.family, ckpt.family.layer_prefix, ckpt.weight_map, indices, is_zero, where=where
+        )
+        return NewLayers(indices, tuple(c.source for c in copies), FOUND_BY_RECORD)
     # Without llamapro.json and without the base checkpoint only the zero test can say which are new.
     found = tuple(zeroed_layers(ckpt))
     if not found:
         raise InputError(
             f"{ckpt.root}: no new layers found (no llamapro.json, and no layer whose branch-final "
             "tensors are all zero)",
-            hint="freeze-map reads an expanded checkpoint: llamapro expand --every N --in BASE --out DIR",
+            hint="freeze-map reads an expanded checkpoint (llamapro expand --every N --in BASE --out DIR); "
+            "for a trainer's saved checkpoint add --map EXPANDED (the expanded folder or its manifest)",
         )
-    return found, None, FOUND_BY_ZEROS
+    return NewLayers(found, None, FOUND_BY_ZEROS)
 
 
 def parse_roles(also: Iterable[str | Role] | str) -> tuple[Role, ...]:
@@ -208,21 +232,26 @@ def parse_roles(also: Iterable[str | Role] | str) -> tuple[Role, ...]:
     return tuple(r for r in Role if r in roles)
 
 
-def _role_keys(family: Family, role: Role) -> tuple[str, ...]:
+def role_keys(family: Family, role: Role, *, tied: bool) -> tuple[str, ...]:
+    """The checkpoint keys `--also role` may make trainable (those present are). A tied head *is* the
+    embedding matrix: training "the head" trains the embeddings."""
+    source = Role.EMBEDDINGS if role is Role.HEAD and tied else role
     roles = family.roles
-    return {Role.EMBEDDINGS: roles.embeddings, Role.HEAD: roles.head, Role.FINAL_NORM: roles.final_norm}[role]
+    return {Role.EMBEDDINGS: roles.embeddings, Role.HEAD: roles.head, Role.FINAL_NORM: roles.final_norm}[
+        source
+    ]
 
 
 def _resolve_roles(ckpt: Checkpoint, roles: Sequence[Role], tied: bool, notes: list[str]) -> set[str]:
     names: set[str] = set()
     for role in roles:
-        # A tied head *is* the embedding matrix: training "the head" trains the embeddings.
-        source = Role.EMBEDDINGS if role is Role.HEAD and tied else role
-        found = [n for n in _role_keys(ckpt.family, source) if n in ckpt.weight_map]
+        keys = role_keys(ckpt.family, role, tied=tied)
+        found = [n for n in keys if n in ckpt.weight_map]
         if not found:
-            looked = ", ".join(_role_keys(ckpt.family, source))
-            raise UsageError(f"--also {role.value}: this checkpoint has no such tensor (looked for {looked})")
-        if source is not role:
+            raise UsageError(
+                f"--also {role.value}: this checkpoint has no such tensor (looked for {', '.join(keys)})"
+            )
+        if role is Role.HEAD and tied:
             notes.append(
                 f"tied embeddings: the head is the embedding matrix ({', '.join(found)}); "
                 "--also head makes the embeddings trainable"
@@ -245,6 +274,7 @@ def is_tied(ckpt: Checkpoint) -> bool:
 
 
 def _digests(ckpt: Checkpoint) -> dict[str, str] | None:
+    """The record's digest table, checked to name exactly the checkpoint's tensors (None: no digests)."""
     record = ckpt.provenance.digests if ckpt.provenance else None
     if record is None:
         return None

@@ -16,16 +16,34 @@ Must not: import the trainers themselves or torch; know anything about llamapro'
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class RuleError(ValueError):
     """The trainer itself would refuse these settings (it raises): the message says why."""
 
 
+def _trainer_raises(rule: Callable[P, R]) -> Callable[P, R]:
+    """A pattern the trainer cannot compile makes it raise `re.error`: the port says so as a RuleError."""
+
+    @functools.wraps(rule)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return rule(*args, **kwargs)
+        except re.error as e:
+            raise RuleError(f"not a valid regular expression ({e})") from None
+
+    return wrapper
+
+
+@_trainer_raises
 def axolotl(unfrozen_parameters: Sequence[str], names: Sequence[str]) -> set[str]:
     """Axolotl `src/axolotl/utils/freeze.py` (`freeze_layers_except`, `LayerNamePattern`), main branch of
     2025-2026 (after axolotl-ai-cloud/axolotl#3586).
@@ -44,12 +62,13 @@ def axolotl(unfrozen_parameters: Sequence[str], names: Sequence[str]) -> set[str
 
 def llama_factory_ids(num_layers: int, k: int) -> list[int] | None:
     """The layers `use_llama_pro` trains for `freeze_trainable_layers: k` (None: LLaMA-Factory raises)."""
-    if k <= 0 or num_layers % k:
+    if k <= 0 or num_layers < k or num_layers % k:
         return None
     stride = num_layers // k
     return list(range(stride - 1, num_layers + stride - 1, stride))
 
 
+@_trainer_raises
 def llama_factory(config: Mapping[str, Any], names: Sequence[str], num_layers: int) -> set[str]:
     """LLaMA-Factory 0.9.5 `src/llamafactory/model/adapter.py::_setup_freeze_tuning` (freeze tuning).
 
@@ -91,6 +110,7 @@ def llama_factory(config: Mapping[str, Any], names: Sequence[str], num_layers: i
     return {n for n in names if any(t in n for t in needles)}
 
 
+@_trainer_raises
 def swift(args: Mapping[str, Any], named_numels: Sequence[tuple[str, int]]) -> set[str]:
     """ms-swift v4 `swift/utils/transformers_utils.py::freeze_parameters` then `activate_parameters`
     (called for `tuner_type == 'full'` in `swift/pipelines/train/tuner.py`; `train_type` before v4).
@@ -122,6 +142,7 @@ def swift(args: Mapping[str, Any], named_numels: Sequence[tuple[str, int]]) -> s
     return {n for n, on in trainable.items() if on}
 
 
+@_trainer_raises
 def peft_lora_targets(config: Mapping[str, Any], module_names: Sequence[str]) -> set[str]:
     """PEFT 0.21.2 `src/peft/tuners/tuners_utils.py::check_target_module_exists`: the modules that get an
     adapter.
@@ -177,6 +198,7 @@ def _peft_layer_ok(config: Mapping[str, Any], key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
+@_trainer_raises
 def requires_grad(pattern: str, names: Sequence[str]) -> set[str]:
     """Plain PyTorch / the HF Trainer (transformers 5.x `Trainer.create_optimizer` keeps the parameters
     with `requires_grad`): the hf snippet sets it for names where `re.match(pattern, name)` succeeds."""
@@ -184,6 +206,7 @@ def requires_grad(pattern: str, names: Sequence[str]) -> set[str]:
     return {n for n in names if rx.match(n)}
 
 
+@_trainer_raises
 def anchored_regex(pattern: str, names: Sequence[str]) -> set[str]:
     """The `regex` format's contract (no trainer's): one anchored pattern that selects the same names
     under re.match, re.search and re.fullmatch, so any tool's way of applying it agrees."""

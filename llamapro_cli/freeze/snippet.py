@@ -5,12 +5,21 @@
 it would wrongly train or miss. The header, counts and pitfall comments are built here so every format
 says the same things the same way.
 
-Invariant: a `Snippet` is only built from a selection its trainer's rule made. Must not: print, import
-torch or the trainers themselves.
+Data in a snippet (the checkpoint path, tensor-derived names and patterns) comes from files a user may
+not control, and the snippet is pasted into code that runs. `literal()` is the one way a value enters
+snippet code (a Python or YAML double-quoted string, a shell word), and `comment()`/`comment_line()` the
+one way text enters a comment (`one_line()` escapes every line break and control character, so a comment
+never ends early). Renderers never interpolate a value by hand.
+
+Invariant: a `Snippet` is only built from a selection its trainer's rule made; every value in its code
+reads back as exactly that value in the snippet's language. Must not: print, import torch or the
+trainers themselves.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,7 +108,7 @@ def role_parameters(fm: FreezeMap) -> list[str]:
 def header(fm: FreezeMap, snippet_counts: str) -> list[str]:
     also = f" + {', '.join(fm.also)}" if fm.also else ""
     return [
-        f"# llamapro freeze-map {fm.checkpoint}",
+        comment_line(f"llamapro freeze-map {fm.checkpoint}"),
         *comment(f"trains new layers {layer_ids(fm)} of {fm.num_layers}{also} ({fm.found_by})"),
         *comment(snippet_counts),
     ]
@@ -114,7 +123,7 @@ def counts(fm: FreezeMap, rule: str) -> str:
 
 def _trainable_numel(fm: FreezeMap) -> int:
     numel = fm.parameter_numel()
-    return sum(numel[n] for n in fm.trainable_parameters)
+    return sum(numel.get(n, 0) for n in fm.trainable_parameters)  # a parameter without a tensor: none
 
 
 def pitfalls(fm: FreezeMap, *, checkpointing: str) -> list[str]:
@@ -135,4 +144,84 @@ def pitfalls(fm: FreezeMap, *, checkpointing: str) -> list[str]:
 
 
 def comment(text: str) -> list[str]:
-    return textwrap.wrap(text, width=100, initial_indent="# ", subsequent_indent="#   ")
+    """`text` as comment lines wrapped at 100 columns (the same `#` comment in Python, YAML and shell)."""
+    return textwrap.wrap(one_line(text), width=100, initial_indent="# ", subsequent_indent="#   ")
+
+
+def comment_line(text: str) -> str:
+    """`text` as one comment line, however long (a path must not be wrapped into pieces)."""
+    return "# " + one_line(text)
+
+
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (line breaks of any convention: \\n, \\r,
+    \\x85, \\u2028; other controls, bidi overrides) written as its backslash escape: one visible line."""
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    # \n, \r, \t, \xNN, \uNNNN, \UNNNNNNNN: code points, the same in Python and YAML double quotes.
+    return ch.encode("unicode_escape").decode("ascii")
+
+
+# --- values in snippet code ---------------------------------------------------------------------------
+
+
+class Lang(StrEnum):
+    """The languages snippets are written in."""
+
+    PYTHON = "python"
+    YAML = "yaml"
+    SHELL = "shell"
+
+
+Value = str | int | Sequence[str | int]
+# YAML plain scalars that read back as the same string: a letter or "_" first (no indicator, number or
+# sign), then only name characters (no ": ", " #", quotes, brackets or braces); not a YAML 1.1 bool/null.
+_YAML_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.$/-]*")
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
+
+
+def literal(lang: Lang, value: Value, *, regex: bool = False) -> str:
+    """`value` (a string, an int or a list of them) spelled in `lang` so it reads back exactly.
+
+    Python: a double-quoted string (a raw string for a `regex` that needs no escape), a list literal.
+    YAML: a plain scalar when it cannot be read as anything else, else a double-quoted one; a flow list.
+    Shell: one word (`shlex.quote`, or bash `$'...'` when it holds characters a terminal would act on).
+    """
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, str):
+        items = [literal(lang, v, regex=regex) for v in value]
+        return " ".join(items) if lang is Lang.SHELL else "[" + ", ".join(items) + "]"
+    if lang is Lang.SHELL:
+        return shlex.quote(value) if value.isprintable() else "$'" + _bash_quoted(value) + "'"
+    if lang is Lang.YAML:
+        plain = _YAML_PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS
+        return value if plain else '"' + _quoted(value, '"') + '"'
+    # A raw string keeps a regex readable; it cannot hold a quote, a line break or an odd trailing "\\".
+    trailing = len(value) - len(value.rstrip("\\"))
+    if regex and value.isprintable() and '"' not in value and trailing % 2 == 0:
+        return 'r"' + value + '"'
+    return '"' + _quoted(value, '"') + '"'
+
+
+def _bash_quoted(value: str) -> str:
+    """The inside of bash's `$'...'`: its `\\xHH` is a byte, not a code point, so a character that needs an
+    escape is written as its UTF-8 bytes (a file name's own bytes: surrogateescape keeps undecodable ones)."""
+    out = []
+    for ch in value:
+        if ch in ("'", "\\"):
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
+    return "".join(out)
+
+
+def _quoted(value: str, quote: str) -> str:
+    """The inside of a `quote`-delimited string: backslash and the quote escaped, non-printables escaped."""
+    return "".join(
+        "\\" + ch if ch in (quote, "\\") else ch if ch.isprintable() else _escape(ch) for ch in value
+    )

@@ -13,17 +13,18 @@ print, import torch or the trainers themselves.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import re
-import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from llamapro_cli.errors import UsageError
+from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze import rules
+from llamapro_cli.freeze.manifest import check_consistent
 from llamapro_cli.freeze.map import FreezeMap
 from llamapro_cli.freeze.snippet import (
     Format,
+    Lang,
     Snippet,
     all_parameters,
     checked,
@@ -31,14 +32,33 @@ from llamapro_cli.freeze.snippet import (
     few,
     header,
     layer_ids,
+    literal,
+    one_line,
     parse_format,
     pitfalls,
     refuse,
     role_parameters,
 )
 
-__all__ = ["Format", "Snippet", "parse_format", "render"]
+__all__ = ["Format", "Snippet", "parse_format", "render", "usable_formats"]
 LORA_RANK = 16  # written into the peft snippet; the adapter counts in its comment assume it
+
+
+def usable_formats(fm: FreezeMap) -> tuple[Format, ...]:
+    """The trainer formats that can express this map (each renders and passes its trainer's rule); none
+    for a map whose fields disagree (the renderers assume a map as `freeze_map()` builds it)."""
+    try:
+        check_consistent(fm)
+    except InputError:
+        return ()
+    usable = []
+    for fmt in (Format.AXOLOTL, Format.HF, Format.SWIFT, Format.PEFT, Format.LLAMA_FACTORY):
+        try:
+            render(fm, fmt)
+        except (UsageError, InputError):
+            continue
+        usable.append(fmt)
+    return tuple(usable)
 
 
 def render(fm: FreezeMap, fmt: Format | str) -> Snippet:
@@ -58,8 +78,16 @@ def render(fm: FreezeMap, fmt: Format | str) -> Snippet:
     return renderers[fmt](fm)
 
 
-def _in_order(fm: FreezeMap, chosen: set[str]) -> list[str]:
-    """A rule's selection in the map's parameter order (so snippets and reports are deterministic)."""
+def _select(fm: FreezeMap, fmt: Format, rule: Callable[..., set[str]], *args: Any) -> list[str]:
+    """What the trainer's `rule` selects, in the map's parameter order (so snippets are deterministic);
+    settings the trainer itself would refuse are refused here (exit 2)."""
+    try:
+        chosen = rule(*args)
+    except rules.RuleError as e:
+        raise UsageError(
+            f"--format {fmt.value} cannot express this trainable set: the trainer would refuse it ({e})",
+            hint="use --format names or json",
+        ) from None
     return [n for n in all_parameters(fm) if n in chosen]
 
 
@@ -67,9 +95,20 @@ def _in_order(fm: FreezeMap, chosen: set[str]) -> list[str]:
 
 
 def _names(fm: FreezeMap) -> Snippet:
-    names = list(fm.trainable_parameters)
+    names = [_one_line_name(n) for n in fm.trainable_parameters]
     notes = [counts(fm, "exact parameter names"), *fm.notes]
     return checked(fm, Format.NAMES, names, "\n".join(names) + "\n", notes)
+
+
+def _one_line_name(text: str) -> str:
+    """A name or pattern printed as one line of data: refused when a character would split or hide it."""
+    if not text.isprintable():
+        raise InputError(
+            f"a tensor name holds a line break or control character ({one_line(text)[:80]}): "
+            "a list of one name per line cannot carry it",
+            hint="use --format json, which escapes it",
+        )
+    return text
 
 
 def layer_regex(fm: FreezeMap) -> str:
@@ -80,8 +119,8 @@ def layer_regex(fm: FreezeMap) -> str:
 
 
 def _regex(fm: FreezeMap) -> Snippet:
-    pattern = layer_regex(fm)
-    selected = _in_order(fm, rules.anchored_regex(pattern, all_parameters(fm)))
+    pattern = _one_line_name(layer_regex(fm))
+    selected = _select(fm, Format.REGEX, rules.anchored_regex, pattern, all_parameters(fm))
     notes = [counts(fm, "re.match"), *fm.notes]
     return checked(fm, Format.REGEX, selected, pattern + "\n", notes)
 
@@ -98,7 +137,7 @@ def axolotl_patterns(fm: FreezeMap) -> list[str]:
 
 def _axolotl(fm: FreezeMap) -> Snippet:
     patterns = axolotl_patterns(fm)
-    selected = _in_order(fm, rules.axolotl(patterns, all_parameters(fm)))
+    selected = _select(fm, Format.AXOLOTL, rules.axolotl, patterns, all_parameters(fm))
     lines = header(fm, counts(fm, "Axolotl's rule (dots escaped, re.match)"))
     lines += [
         "# Full fine-tuning only (no `adapter:`): for LoRA on the new layers use",
@@ -108,7 +147,7 @@ def _axolotl(fm: FreezeMap) -> Snippet:
             fm, checkpointing="keep use_reentrant false (Axolotl refuses true with unfrozen_parameters)"
         ),
         "unfrozen_parameters:",
-        *(f"  - {p}" for p in patterns),
+        *(f"  - {literal(Lang.YAML, p)}" for p in patterns),
         "gradient_checkpointing_kwargs:",
         "  use_reentrant: false",
     ]
@@ -141,12 +180,15 @@ def _llama_factory(fm: FreezeMap) -> Snippet:
         "use_llama_pro": True,
         "freeze_extra_modules": ",".join(extra) or None,
     }
-    selected = _in_order(fm, rules.llama_factory(config, all_parameters(fm), fm.num_layers))
+    selected = _select(
+        fm, Format.LLAMA_FACTORY, rules.llama_factory, config, all_parameters(fm), fm.num_layers
+    )
     lines = header(fm, counts(fm, "LLaMA-Factory's rule (stride ids, substring match)"))
     lines += [
         f"# use_llama_pro re-derives the layers from num_hidden_layers (stride {fm.num_layers}/{k}),",
         "# which gives exactly the new layers here. Trainable params are upcast to fp32 unless",
         "# pure_bf16: saved new layers may be fp32 (llamapro verify-frozen converts them back).",
+        *_cpu_note(fm),
         *pitfalls(fm, checkpointing="use_reentrant_gc: false (LLaMA-Factory's default is true)"),
         "finetuning_type: freeze",
         f"freeze_trainable_layers: {k}  # the number of NEW layers, not 'the last {k} layers'",
@@ -155,8 +197,16 @@ def _llama_factory(fm: FreezeMap) -> Snippet:
         "use_reentrant_gc: false",
     ]
     if extra:
-        lines.append(f"freeze_extra_modules: {','.join(extra)}")
+        lines.append(f"freeze_extra_modules: {literal(Lang.YAML, ','.join(extra))}")
     return checked(fm, Format.LLAMA_FACTORY, selected, "\n".join(lines) + "\n", fm.notes)
+
+
+def _cpu_note(fm: FreezeMap) -> list[str]:
+    """Measured with LLaMA-Factory 0.9.5: with bf16: false a bf16 checkpoint fails on CPU at step 0
+    ("expected m1 and m2 to have the same dtype")."""
+    if not any(e.dtype == "BF16" for e in fm.tensors.values()):
+        return []
+    return ["# On CPU (use_cpu: true) LLaMA-Factory 0.9.5 needs bf16: true for this bf16 checkpoint."]
 
 
 # --- PEFT LoRA: layers_to_transform (tuners/tuners_utils.py::check_target_module_exists) ------------------
@@ -231,8 +281,9 @@ def peft_arguments(fm: FreezeMap) -> dict[str, Any]:
         }
         if saved:
             args["modules_to_save"] = saved  # full module names: PEFT matches them with endswith
-        if rules.peft_lora_targets(args, modules) == set(targets):
-            return args
+        with contextlib.suppress(rules.RuleError):  # PEFT could not compile this layers_pattern
+            if rules.peft_lora_targets(args, modules) == set(targets):
+                return args
     raise UsageError(
         "--format peft cannot put adapters on exactly the new layers' linear modules of this model",
         hint="use --format hf or axolotl (full fine-tuning of the new layers)",
@@ -263,7 +314,7 @@ def _peft(fm: FreezeMap) -> Snippet:
         "lora_config = LoraConfig(",
         f"    r={LORA_RANK},",
         f"    lora_alpha={2 * LORA_RANK},",
-        *(f"    {key}={_py(value)}," for key, value in args.items()),
+        *(f"    {key}={literal(Lang.PYTHON, value)}," for key, value in args.items()),
         '    task_type="CAUSAL_LM",',
         ")",
         "model = get_peft_model(model, lora_config)",
@@ -271,10 +322,6 @@ def _peft(fm: FreezeMap) -> Snippet:
     return Snippet(
         Format.PEFT, "\n".join(lines) + "\n", tuple(targets), 2 * len(targets) + len(saved), adapter, fm.notes
     )
-
-
-def _py(value: object) -> str:
-    return json.dumps(value)  # lists of str/int and str: JSON spelling is valid Python here
 
 
 # --- ms-swift: full tuning with trainable prefixes (swift/utils/transformers_utils.py) --------------------
@@ -290,15 +337,15 @@ def _swift(fm: FreezeMap) -> Snippet:
     # freeze_parameters_ratio 1 freezes everything; activate_parameters then turns prefixes back on.
     args = {"tuner_type": "full", "freeze_parameters_ratio": 1, "trainable_parameters": prefixes}
     numel = fm.parameter_numel()
-    selected = _in_order(fm, rules.swift(args, [(n, numel[n]) for n in all_parameters(fm)]))
+    selected = _select(fm, Format.SWIFT, rules.swift, args, [(n, numel[n]) for n in all_parameters(fm)])
     lines = header(fm, counts(fm, "ms-swift's rule (freeze all, then startswith)"))
     lines += [
         "# --trainable_parameters applies only with --tuner_type full (--train_type before ms-swift v4).",
         "# Do not use --tuner_type llamapro on this checkpoint: it would expand it again at load time.",
         *pitfalls(fm, checkpointing="add --gradient_checkpointing_kwargs '{\"use_reentrant\": false}'"),
-        f"swift pt --model {shlex.quote(fm.checkpoint)} \\",
+        f"swift pt --model {literal(Lang.SHELL, fm.checkpoint)} \\",
         "  --tuner_type full --freeze_parameters_ratio 1 \\",
-        "  --trainable_parameters " + " ".join(shlex.quote(p) for p in prefixes),
+        f"  --trainable_parameters {literal(Lang.SHELL, prefixes)}",
     ]
     return checked(fm, Format.SWIFT, selected, "\n".join(lines) + "\n", fm.notes)
 
@@ -308,7 +355,7 @@ def _swift(fm: FreezeMap) -> Snippet:
 
 def _hf(fm: FreezeMap) -> Snippet:
     pattern = layer_regex(fm)
-    selected = _in_order(fm, rules.requires_grad(pattern, all_parameters(fm)))
+    selected = _select(fm, Format.HF, rules.requires_grad, pattern, all_parameters(fm))
     n = len(fm.trainable_parameters)
     lines = header(fm, counts(fm, "re.match on named_parameters()"))
     lines += [
@@ -319,7 +366,7 @@ def _hf(fm: FreezeMap) -> Snippet:
         ),
         "import re",
         "",
-        f'TRAINABLE = re.compile(r"{pattern}")',  # names hold no quotes
+        f"TRAINABLE = re.compile({literal(Lang.PYTHON, pattern, regex=True)})",
         "for name, param in model.named_parameters():",
         "    param.requires_grad_(TRAINABLE.match(name) is not None)",
         "n_trainable = sum(p.requires_grad for p in model.parameters())",

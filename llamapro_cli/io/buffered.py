@@ -17,12 +17,14 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from llamapro_cli.errors import InputError, OutputError
 from llamapro_cli.io.files import os_message
 from llamapro_cli.io.header import OutTensor
+from llamapro_cli.io.runs import DigestKey, digest_key
+from llamapro_cli.io.sources import SourceFiles
 
 # copy_file_range cannot serve this pair of files (other filesystem, old kernel, special file): copy
 # through a buffer instead, for the rest of the shard.
@@ -43,27 +45,43 @@ class BufferedWriter:
         digests: bool,
         progress: Callable[[int], None] | None,
         delay: float = 0.0,
+        known: Mapping[DigestKey, str] | None = None,
+        files: SourceFiles | None = None,
     ) -> None:
         self.fd, self.path, self.chunk, self.digests = fd, path, chunk, digests
         self.progress, self.delay = progress, delay
+        self.known = known or {}  # digests of bytes hashed before (an earlier shard): not hashed again
         # Digests read every byte through the buffer anyway, so the kernel-side copy would read twice.
         self.kernel_copy = hasattr(os, "copy_file_range") and not digests
-        self.sources: dict[Path, tuple[int, int]] = {}  # path -> (fd, size)
+        self.files, self.own_files = files or SourceFiles(), files is None
         self.buffer, self.zeros = memoryview(b""), memoryview(b"")  # grown on demand, up to one chunk
 
     def write(self, head: bytes, tensors: Sequence[OutTensor]) -> dict[str, str]:
-        """Write `head` then `tensors` from the current position; {name: sha256} when digesting."""
+        """Write `head` then `tensors` from the current position; {name: sha256} when digesting.
+        Each distinct source range is hashed once (a copied layer reuses its source's digest)."""
+        names: dict[str, str] = {}
+        by_key = dict(self.known)
         try:
             self.write_all(head)
-            hashes = {t.name: self.tensor(t) for t in tensors}
+            for t in tensors:
+                key = digest_key(t)
+                if key is not None and key in by_key:  # the same bytes as a tensor hashed before
+                    self.tensor(t, hashed=False)
+                    if self.digests:
+                        names[t.name] = by_key[key]
+                    continue
+                digest = self.tensor(t, hashed=self.digests)
+                if digest is not None:
+                    names[t.name] = digest
+                    if key is not None:
+                        by_key[key] = digest
         finally:
             self.close()
-        return {name: h for name, h in hashes.items() if h is not None}
+        return names
 
     def close(self) -> None:
-        for fd, _ in self.sources.values():
-            os.close(fd)
-        self.sources.clear()
+        if self.own_files:
+            self.files.close()
 
     def _chunk_done(self, n: int) -> None:
         if self.progress is not None:
@@ -79,9 +97,9 @@ class BufferedWriter:
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {os_message(e)}") from e
 
-    def tensor(self, t: OutTensor) -> str | None:
-        """Write one tensor at the current position; its sha256 hex when digesting."""
-        digest = hashlib.sha256() if self.digests else None
+    def tensor(self, t: OutTensor, *, hashed: bool) -> str | None:
+        """Write one tensor at the current position; its sha256 hex when `hashed`."""
+        digest = hashlib.sha256() if hashed else None
         if t.source is None:
             self._zeros(t.nbytes, digest)
         else:
@@ -105,13 +123,7 @@ class BufferedWriter:
             self._chunk_done(n)
 
     def _source(self, t: OutTensor, source: Path) -> int:
-        if source not in self.sources:
-            try:
-                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-                self.sources[source] = (fd, os.fstat(fd).st_size)
-            except OSError as e:
-                raise InputError(f"cannot read {source}: {os_message(e)}") from e
-        fd, size = self.sources[source]
+        fd, size = self.files.fd(source), self.files.size(source)
         if t.offset < 0 or t.offset + t.nbytes > size:
             raise InputError(
                 f"{source} is shorter than expected: tensor {t.name!r} needs bytes "

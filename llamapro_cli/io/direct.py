@@ -24,7 +24,6 @@ progress callback, so signals and Ctrl-C interrupt between chunks. Must not: imp
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import fcntl
 import functools
@@ -34,14 +33,24 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamapro_cli.errors import InputError, OutputError
 from llamapro_cli.io.files import os_message
 from llamapro_cli.io.header import ALIGN, OutTensor
-from llamapro_cli.io.runs import ZEROS, Run, align_down, align_up, plan_runs, zeros_sha256
+from llamapro_cli.io.runs import (
+    ZEROS,
+    DigestKey,
+    Run,
+    align_down,
+    align_up,
+    digest_key,
+    plan_runs,
+    zeros_sha256,
+)
+from llamapro_cli.io.sources import SourceFiles
 
 HOLE_MIN = 1 << 20  # zero runs with less than this in whole blocks are written as zeros, not holes
 
@@ -71,24 +80,16 @@ class _Job:
 
 
 class _Source:
-    """One input file: a buffered fd, and an O_DIRECT fd while the filesystem accepts it."""
+    """One input file, through the run's `SourceFiles` (which owns the descriptors): a buffered fd, and
+    an O_DIRECT fd of the same file while the filesystem accepts it."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.size = os.fstat(self.fd).st_size
-        except OSError as e:
-            raise InputError(f"cannot read {path}: {os_message(e)}") from e
+    def __init__(self, files: SourceFiles, path: Path) -> None:
+        self.files, self.path = files, path
+        self.fd, self.size, self.direct_fd = files.fd(path), files.size(path), files.direct_fd(path)
+
+    def refuse_direct(self) -> None:
+        self.files.refuse_direct(self.path)
         self.direct_fd = -1
-        with contextlib.suppress(OSError, AttributeError):  # no O_DIRECT here: buffered reads
-            self.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-
-    def close(self) -> None:
-        for fd in (self.fd, self.direct_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self.direct_fd = -1
 
 
 class DirectWriter:
@@ -104,8 +105,12 @@ class DirectWriter:
         digests: bool,
         progress: Callable[[int], None] | None,
         delay: float = 0.0,
+        known: Mapping[DigestKey, str] | None = None,
+        files: SourceFiles | None = None,
     ) -> None:
         self.fd, self.path, self.digests, self.progress, self.delay = fd, path, digests, progress, delay
+        self.files, self.own_files = files or SourceFiles(), files is None
+        self.known = known or {}  # digests of bytes hashed before (an earlier shard): not hashed again
         self.chunk = max(ALIGN, align_up(chunk))
         self.maps = [mmap.mmap(-1, self.chunk + ALIGN) for _ in range(max(2, buffers))]
         self.free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
@@ -118,13 +123,17 @@ class DirectWriter:
         self.sources: dict[Path, _Source] = {}
         self.hashes: list[hashlib._Hash | None] = []
         self.buf, self.base, self.fill = memoryview(b""), 0, 0
-        self.spans: list[tuple[int, int, int]] = []  # (start, end, tensor index) of copied tensors
+        self.spans: list[tuple[int, int, int]] = []  # (start, end, tensor index) of tensors to hash
         self.next_span = 0
 
     # --- the calling thread ------------------------------------------------------------------------------
 
-    def write(self, head: bytes, tensors: Sequence[OutTensor]) -> dict[str, str]:
-        """Write `head` then `tensors` from offset 0; {name: sha256} when digesting."""
+    def write(self, head: bytes, tensors: Sequence[OutTensor], *, start: int = 0) -> dict[str, str]:
+        """Write `head` then `tensors` from offset `start` (a block boundary; the clone engine writes a
+        stretch of its file this way); {name: sha256} when digesting."""
+        if start % ALIGN:
+            raise ValueError(f"start {start} is not a multiple of {ALIGN}")
+        self.base = start
         try:
             runs = self._prepare(head, tensors)
             self._start_threads()
@@ -143,19 +152,24 @@ class DirectWriter:
         return self._digests(tensors)
 
     def _prepare(self, head: bytes, tensors: Sequence[OutTensor]) -> list[Run]:
-        position = len(head)
+        """Check the source ranges; choose the tensors to hash: each distinct source range once."""
+        position, first = self.base + len(head), set[DigestKey]()
+        self.hashes = [None] * len(tensors)
         for index, t in enumerate(tensors):
-            if t.source is not None:
+            key = digest_key(t)
+            if key is not None:
                 self._check_range(t)
-                self.spans.append((position, position + t.nbytes, index))
+                if self.digests and key not in self.known and key not in first:
+                    first.add(key)
+                    self.hashes[index] = hashlib.sha256()
+                    self.spans.append((position, position + t.nbytes, index))
             position += t.nbytes
-        self.hashes = [hashlib.sha256() if self.digests else None for _ in tensors]
-        return plan_runs(tensors, len(head))
+        return plan_runs(tensors, self.base + len(head))
 
     def _check_range(self, t: OutTensor) -> None:
         assert t.source is not None
         if t.source not in self.sources:
-            self.sources[t.source] = _Source(t.source)
+            self.sources[t.source] = _Source(self.files, t.source)
         size = self.sources[t.source].size
         if t.offset < 0 or t.offset + t.nbytes > size:
             raise InputError(
@@ -248,8 +262,7 @@ class DirectWriter:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise InputError(f"cannot read {source.path}: {os_message(e)}") from e
-                os.close(source.direct_fd)  # this file or range refuses O_DIRECT: buffered from now on
-                source.direct_fd = -1
+                source.refuse_direct()  # this file or range refuses O_DIRECT: buffered from now on
             else:
                 self.buf[lo : self.fill] = saved
                 return max(0, min(got - head, n))
@@ -284,11 +297,14 @@ class DirectWriter:
     def _digests(self, tensors: Sequence[OutTensor]) -> dict[str, str]:
         if not self.digests:
             return {}
-        return {
-            t.name: zeros_sha256(t.nbytes) if t.source is None else h.hexdigest()
-            for t, h in zip(tensors, self.hashes, strict=True)
-            if h is not None
+        computed = {
+            digest_key(t): h.hexdigest() for t, h in zip(tensors, self.hashes, strict=True) if h is not None
         }
+        out = {}
+        for t in tensors:
+            key = digest_key(t)
+            out[t.name] = zeros_sha256(t.nbytes) if key is None else computed.get(key) or self.known[key]
+        return out
 
     # --- the worker threads ------------------------------------------------------------------------------
 
@@ -320,6 +336,8 @@ class DirectWriter:
                 self.free.put(job.buffer)
 
     def _write_job(self, job: _Job) -> None:
+        if self.fd < 0:  # a read-only pass (`digests.hash_sources`): the bytes are only hashed
+            return
         view, offset = job.buffer[: job.length], job.base
         while view:
             try:
@@ -352,8 +370,9 @@ class DirectWriter:
 
     def _close(self) -> None:
         # The maps are unmapped when the last view of them goes (a traceback may still hold one).
-        for source in self.sources.values():
-            source.close()
+        if self.own_files:
+            self.files.close()
+        self.sources.clear()
         self.buf, self.maps = memoryview(b""), []
         self.free = queue.SimpleQueue()
 

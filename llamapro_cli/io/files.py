@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +38,34 @@ def _first_line(error: BaseException) -> str:
 
 def read_bytes_bounded(path: Path, what: str, *, limit: int = MAX_JSON_SIZE) -> bytes:
     """The bytes of the regular file `path` (described as `what` in errors); InputError beyond `limit`."""
-    if not path.exists():
-        raise InputError(f"{path}: {what} is missing")
-    if not path.is_file():
-        raise InputError(f"{path}: {what} is not a regular file")
     try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
+        # O_NONBLOCK: a FIFO swapped in after the check below must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: {what} is missing") from e
+    except OSError as e:  # e.g. a folder we may not search: one line, never a bare PermissionError
+        raise InputError(f"{path}: cannot read {what}: {os_message(e)}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise InputError(f"{path}: {what} is not a regular file")
+        # Refused by its size before a byte is read; the bounded read still guards a file that grows.
+        data = _read_up_to(fd, limit + 1) if st.st_size <= limit else b""
     except OSError as e:
-        raise InputError(f"{path}: cannot read {what}: {os.strerror(e.errno or 0)}") from e
-    if len(data) > limit:
+        raise InputError(f"{path}: cannot read {what}: {os_message(e)}") from e
+    finally:
+        os.close(fd)
+    if st.st_size > limit or len(data) > limit:
         raise InputError(f"{path}: {what} is larger than {limit} bytes")
     return data
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    parts: list[bytes] = []
+    while n > 0 and (chunk := os.read(fd, min(n, 1 << 24))):
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
 
 
 def read_text_bounded(path: Path, what: str, *, limit: int = MAX_JSON_SIZE) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from llamapro_cli.errors import InputError
 from llamapro_cli.io.files import os_message
+from llamapro_cli.io.sources import FileStamp
 
 # Bits per element. Sub-byte dtypes (F4, F6_*) are packed; a tensor's bit count must fill whole bytes.
 DTYPE_BITS: dict[str, int] = {
@@ -33,6 +34,7 @@ DTYPE_BITS: dict[str, int] = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }  # fmt: skip
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # the safetensors library's cap: a bigger header is refused there too
+USIZE_LIMIT = 2**64  # the library's sizes are Rust `usize`s (64-bit): dimensions, counts, offsets
 # The block every alignment refers to: it covers 512-byte and 4 KiB logical blocks, and pages.
 ALIGN = 4096
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -40,14 +42,32 @@ _CORRUPT = "the file is corrupt or not a safetensors file; re-download or re-cre
 
 
 def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
-    """Bytes of a tensor; ValueError for an unknown dtype, a negative dim or a partial trailing byte."""
+    """Bytes of a tensor, computed as the safetensors library validates it; ValueError when it refuses.
+
+    The library reads each dimension as a `usize` and folds the element count, then the bit count, with
+    overflow detection (`checked_mul`): a dimension of 2**64 or more, or a running product that reaches
+    2**64, is refused even when a later dimension is 0 (`[2**40, 2**40, 0]`: "overflow computing buffer
+    size"). Checking each factor before multiplying also keeps the cost linear in the shape's length:
+    a hostile shape of many huge integers never builds a huge product.
+    """
     if dtype not in DTYPE_BITS:
         raise ValueError(f"unknown dtype {dtype!r}")
-    if any(d < 0 for d in shape):
-        raise ValueError(f"negative dimension in shape {tuple(shape)}")
-    bits = DTYPE_BITS[dtype] * math.prod(shape)
+    numel = 1
+    for d in shape:
+        if d < 0:
+            raise ValueError(f"negative dimension in shape {_short(tuple(shape))}")
+        if d >= USIZE_LIMIT:
+            raise ValueError(f"dimension {_short(d)} does not fit 64 bits")
+        numel *= d
+        if numel >= USIZE_LIMIT:
+            raise ValueError(f"the element count of shape {_short(tuple(shape))} overflows 64 bits")
+    bits = DTYPE_BITS[dtype] * numel
+    if bits >= USIZE_LIMIT:
+        raise ValueError(
+            f"the bit count of a {dtype} tensor of shape {_short(tuple(shape))} overflows 64 bits"
+        )
     if bits % 8:
-        raise ValueError(f"{dtype} tensor of shape {tuple(shape)} does not fill whole bytes")
+        raise ValueError(f"{dtype} tensor of shape {_short(tuple(shape))} does not fill whole bytes")
     return bits // 8
 
 
@@ -79,6 +99,7 @@ class Header:
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo]
     file_size: int
+    stamp: FileStamp | None = None  # the file this header was read from (None: read over HTTP)
 
     @property
     def data_offset(self) -> int:
@@ -119,11 +140,12 @@ def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def _read_raw(path: Path) -> tuple[int, bytes, int]:
-    """(header_size, header bytes, file_size), with one bounded read after the length is checked."""
+def _read_raw(path: Path) -> tuple[int, bytes, FileStamp]:
+    """(header_size, header bytes, the file's stamp), with one bounded read after the length is checked."""
     try:
         with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            stamp = FileStamp.of(os.fstat(f.fileno()))
+            size = stamp.size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise _corrupt(f"{path} is too small to be a safetensors file ({len(prefix)} bytes)")
@@ -137,7 +159,7 @@ def _read_raw(path: Path) -> tuple[int, bytes, int]:
         raise InputError(f"cannot read {path}: {os_message(e)}") from e
     if len(raw) != n:
         raise InputError(f"{path} shrank while its header was being read")
-    return n, raw, size
+    return n, raw, stamp
 
 
 def _parse_json(path: Path, raw: bytes) -> dict[str, object]:
@@ -173,18 +195,6 @@ def _int_list(value: object) -> list[int] | None:
     return None
 
 
-def _span_matches(dtype: str, shape: list[int], span: int) -> bool:
-    # Multiply with an early exit: a hostile shape of many huge ints must not cost a huge product.
-    if 0 in shape:
-        return span == 0
-    bits_limit, numel = 8 * span, 1
-    for d in shape:
-        numel *= d
-        if numel * DTYPE_BITS[dtype] > bits_limit:
-            return False
-    return numel * DTYPE_BITS[dtype] == bits_limit
-
-
 def _parse_tensor(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not name:
@@ -201,8 +211,13 @@ def _parse_tensor(path: Path, name: str, entry: object, data_len: int) -> Tensor
     if offsets is None or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
         raise _corrupt(f"{where} has data_offsets {_short(entry['data_offsets'])}, not [begin, end]")
     begin, end = offsets
-    if not _span_matches(dtype, shape, end - begin):
-        raise _corrupt(f"{where}: {dtype} shape {_short(shape)} does not match its {end - begin} bytes")
+    try:
+        nbytes: int | str = tensor_nbytes(dtype, shape)
+    except ValueError as e:  # what the library calls ValidationOverflow / MisalignedSlice: refused there
+        nbytes = str(e)
+    if nbytes != end - begin:
+        why = f" ({nbytes}; the safetensors library refuses it)" if isinstance(nbytes, str) else ""
+        raise _corrupt(f"{where}: {dtype} shape {_short(shape)} does not match its {end - begin} bytes{why}")
     if end > data_len:
         raise InputError(
             f"{path} is truncated: tensor {name!r} ends at data byte {end}, the data section has {data_len}",
@@ -227,14 +242,14 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_len: int) -> None:
 
 def read_header(path: Path) -> Header:
     """Read and validate the header of `path`; InputError (one line, naming the file) when invalid."""
-    header_size, raw, file_size = _read_raw(path)
+    header_size, raw, stamp = _read_raw(path)
     parsed = _parse_json(path, raw)
     metadata = _parse_metadata(path, parsed.pop("__metadata__", None))
-    data_len = file_size - 8 - header_size
+    data_len = stamp.size - 8 - header_size
     infos = [_parse_tensor(path, name, entry, data_len) for name, entry in parsed.items()]
     infos.sort(key=lambda t: (t.begin, t.end))  # stable: equal (empty) ranges keep header order
     _check_layout(path, infos, data_len)
-    return Header(path, header_size, metadata, {t.name: t for t in infos}, file_size)
+    return Header(path, header_size, metadata, {t.name: t for t in infos}, stamp.size, stamp)
 
 
 @dataclass(frozen=True)
@@ -278,7 +293,14 @@ def header_bytes(tensors: Sequence[OutTensor], metadata: Mapping[str, str], alig
     else:
         text += b" " * (-(8 + len(text)) % align)
     if len(text) > MAX_HEADER_SIZE:
-        raise ValueError(f"header of {len(text)} bytes exceeds the {MAX_HEADER_SIZE}-byte limit")
+        # Input-derived (the source's metadata and tensor names): say so, never write an unreadable file.
+        longest = max((len(t.name.encode()) for t in tensors), default=0)
+        meta_size = len(json.dumps(dict(metadata), ensure_ascii=False).encode())
+        raise InputError(
+            f"the header would be {len(text)} bytes, over the {MAX_HEADER_SIZE}-byte limit of safetensors "
+            f"readers ({meta_size} bytes of metadata, longest tensor name {longest} bytes)",
+            hint="the input's shard metadata (__metadata__) or tensor names are too large to carry over",
+        )
     return struct.pack("<Q", len(text)) + text
 
 

@@ -2,87 +2,145 @@
 
 `atomic_output(out)` yields a fresh `<out>.partial-<8 hex>` folder beside `out` (with a marker file
 `.llamapro-partial` naming the pid and start time) and, when the body completes, fsyncs it and renames it
-to `out`. On any exception, SIGINT or SIGTERM the temporary folder is removed and the error re-raised
-(signals become `Interrupted`, exit 130/143); the final renames and the cleanup hold signals until they
-are done, so they are never cut in half. An existing `out` is refused unless `force`, and `force` only
-replaces an empty folder or a previous llamapro output: the old one is renamed aside, the new one renamed
-in, then the old one deleted. A lock beside `out` makes concurrent runs to the same `out` fail cleanly.
-Temporary folders of the same `out` left by a killed run (SIGKILL, power loss) are found under the lock:
-removed when their process is gone, left in place and reported when it still runs.
+to `out`, with `.llamapro-files.json` (`io.manifest`) listing every file it wrote. On any exception,
+SIGINT, SIGTERM or SIGHUP the temporary folder is removed and the error re-raised (signals become
+`Interrupted`, exit 130/143/129); the final renames and the cleanup hold signals until they are done, so
+they are never cut in half. An existing `out` is refused unless `force`, and `force` only replaces an
+empty folder or a previous output that holds exactly what its record lists: the old one is renamed aside,
+the new one renamed in, then the old one's recorded files deleted. A lock beside `out` (never followed if
+it is a link) makes concurrent runs to the same `out` fail cleanly. Temporary folders of the same `out`
+left by a killed run (SIGKILL, power loss) are found under the lock: removed when their process is gone,
+left in place and reported when it still runs. `check_disjoint` keeps every input file, links resolved,
+away from all of these paths.
 
-Invariant: nothing named `out` ever exists in a half-written state. Must not: touch the input, print
-(notes go to the caller's `notes` callback).
+Invariant: nothing named `out` ever exists in a half-written state; nothing is deleted that a run did
+not write. Must not: touch the input, print (notes go to the caller's `notes` callback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import glob
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from llamapro_cli.errors import Interrupted, OutputError, UsageError
+from llamapro_cli.errors import InputError, Interrupted, OutputError, UsageError
+from llamapro_cli.io.leftovers import MARKER, PARTIAL_NAME, Notes, sweep_partials
+from llamapro_cli.io.manifest import MANIFEST, first_foreign, remove_owned, write_manifest
 
-MARKER = ".llamapro-partial"
-PROVENANCE = "llamapro.json"
 MARGIN = 16 * 1024 * 1024  # headers, config, index, carried files
-PARTIAL_NAME = re.compile(r"^.+\.partial-[0-9a-f]{8}$")
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# A pid is reused when its process started after the marker was written; /proc start times have
-# a one-second resolution (boot time in whole seconds), so allow some slack.
-_START_SLACK_S = 2.0
-
-Notes = Callable[[str], None]
+# A closed terminal (SIGHUP) is an interruption like Ctrl-C or `kill`: clean up, exit 128 + signal.
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SKIP_SPACE_CHECK = "LLAMAPRO_SKIP_SPACE_CHECK"  # "1": do not compare the free space with the need
 
 
 def check_disjoint(source: Path, out: Path) -> None:
-    """Input and output, resolved, may not be equal or contain one another (either way)."""
-    src = source.resolve()
-    dst = out.resolve()
+    """Refuse an `out` the run must not write (exit 2): one named like a temporary folder, or one whose
+    paths overlap the input — the folder itself, or any file in it, links resolved — either way. The
+    paths a run writes, renames or deletes are `out` and, beside it, `<out>.partial-*`, `<out>.old-*`
+    and the lock: no input file may resolve into them (a folder of links into a previous output is an
+    input that `--force` would otherwise delete)."""
+    if PARTIAL_NAME.match(out.name):
+        raise UsageError(
+            f"--out {out} is named like the temporary folder of an unfinished run (*.partial-<8 hex>)",
+            hint="choose another --out name",
+        )
+    try:
+        src, dst = source.resolve(), out.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop (3.11 raises RuntimeError for one)
+        raise OutputError(f"--out {out} is a link that never ends ({e})", hint="choose another --out") from e
     if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
         raise UsageError(
             f"--out {out} and the input {source} overlap; the output may not contain the input or lie in it"
         )
+    for path in _entries(source):
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a link loop leads nowhere (reading it fails on its own)
+            continue
+        if _written_by_run(target, dst):
+            raise UsageError(
+                f"--out {out} and the input overlap: {path} resolves to {target}, which this run "
+                "would replace or delete"
+            )
 
 
-def free_space(out: Path) -> int:
-    """Free bytes on the filesystem that will hold `out` (its nearest existing ancestor)."""
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError:  # unreadable: reading the checkpoint reports it
+        return []
+
+
+def _written_by_run(target: Path, out: Path) -> bool:
+    if not target.is_relative_to(out.parent):
+        return False
+    top = target.relative_to(out.parent).parts
+    if not top:
+        return False
+    name = top[0]
+    return name == out.name or name.startswith((f"{out.name}.partial-", f"{out.name}.old-", f".{out.name}."))
+
+
+def free_space(out: Path) -> int | None:
+    """Free bytes on the filesystem that will hold `out` (its nearest ancestor we can stat); None when
+    the filesystem reports no capacity at all (ramfs, some FUSE and network filesystems): unknown, not 0."""
     probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+    while True:
+        try:
+            st = os.statvfs(probe)
+            break
+        except (FileNotFoundError, NotADirectoryError, PermissionError):  # not there, or not searchable
+            if probe == probe.parent:
+                return None
+            probe = probe.parent
+        except OSError:
+            return None
+    if st.f_blocks == 0:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def is_partial(path: Path) -> bool:
     """A temporary folder of an unfinished run: named `<out>.partial-<8 hex>` or holding the marker."""
-    return bool(PARTIAL_NAME.match(path.name)) or (path / MARKER).exists()
-
-
-def is_llamapro_output(path: Path) -> bool:
-    return (path / PROVENANCE).is_file() and not is_partial(path)
+    if PARTIAL_NAME.match(path.name):
+        return True
+    try:
+        os.lstat(path / MARKER)
+    except FileNotFoundError:
+        return False
+    except OSError as e:  # e.g. a folder we may not search: say so, never a bare PermissionError
+        raise InputError(f"cannot read {path}: {_strerror(e)}") from e
+    return True
 
 
 @contextlib.contextmanager
 def atomic_output(out: Path, *, force: bool, need_bytes: int, notes: Notes | None = None) -> Iterator[Path]:
     """Yield a temporary folder that becomes `out` when the body completes without error."""
     parent = out.parent
-    if not parent.is_dir():
-        what = "is not a folder" if parent.exists() else "does not exist"
-        raise OutputError(f"cannot create {out}: {parent} {what}")
+    try:
+        is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise OutputError(f"cannot create {out}: {parent} does not exist") from None
+    except OSError as e:  # e.g. a folder above it we may not search
+        raise OutputError(f"cannot create {out}: cannot reach {parent} ({_strerror(e)})") from e
+    if not is_dir:
+        raise OutputError(f"cannot create {out}: {parent} is not a folder")
     with _lock(out):
-        _sweep_partials(out, notes or (lambda _: None))
+        sweep_partials(out, notes or (lambda _: None))
         _check_existing(out, force=force)
         _check_space(out, need_bytes)
+        note = notes or (lambda _: None)
         tmp = parent / f"{out.name}.partial-{secrets.token_hex(4)}"
         try:
             tmp.mkdir()
@@ -95,8 +153,9 @@ def atomic_output(out: Path, *, force: bool, need_bytes: int, notes: Notes | Non
             with _signals_held():
                 (tmp / MARKER).unlink()
                 _fsync_files(tmp)
+                _record(tmp)
                 _fsync_dir(tmp)
-                _replace(tmp, out, force=force)
+                _replace(tmp, out, force=force, notes=note)
         except BaseException:
             with _signals_held():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -106,9 +165,20 @@ def atomic_output(out: Path, *, force: bool, need_bytes: int, notes: Notes | Non
 def _write_marker(tmp: Path) -> None:
     marker = {"pid": os.getpid(), "started": time.time(), "out": tmp.name.rsplit(".partial-", 1)[0]}
     try:
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
+        fd = os.open(tmp / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, (json.dumps(marker) + "\n").encode())
+        finally:
+            os.close(fd)
     except OSError as e:
         raise OutputError(f"cannot write {tmp / MARKER}: {_strerror(e)}") from e
+
+
+def _record(tmp: Path) -> None:
+    try:
+        write_manifest(tmp)
+    except OSError as e:
+        raise OutputError(f"cannot write {tmp / MANIFEST}: {_strerror(e)}") from e
 
 
 def _check_existing(out: Path, *, force: bool) -> None:
@@ -119,19 +189,31 @@ def _check_existing(out: Path, *, force: bool) -> None:
         raise OutputError(f"--out {out} exists and is {kind}", hint="choose another --out")
     if not force:
         raise OutputError(f"--out {out} already exists", hint="choose another --out, or pass --force")
-    if any(out.iterdir()) and not is_llamapro_output(out):
+    _refuse_foreign(out)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """`--force` replaces only an empty folder or exactly what a previous expand wrote (its record)."""
+    try:
+        foreign = first_foreign(out)
+    except OSError as e:
+        raise OutputError(f"cannot read --out {out}: {_strerror(e)}") from e
+    if foreign is not None:
+        path, why = foreign
         raise OutputError(
-            f"--out {out} is not empty and not a llamapro output; --force replaces only those",
-            hint="remove it yourself if you mean it",
+            f"--out {out} is not a llamapro output: {path} {why}; --force replaces only what expand wrote",
+            hint="remove it yourself if you mean it, or choose another --out",
         )
 
 
 def _check_space(out: Path, need: int) -> None:
     free = free_space(out)
+    if free is None or os.environ.get(SKIP_SPACE_CHECK) == "1":  # unknown capacity, or asked not to
+        return
     if free < need + MARGIN:
         raise OutputError(
             f"not enough free space for {out}: need {_gb(need + MARGIN)}, {_gb(free)} free",
-            hint="free some space or choose another --out",
+            hint=f"free some space or choose another --out ({SKIP_SPACE_CHECK}=1 skips this check)",
         )
 
 
@@ -143,9 +225,10 @@ def _strerror(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
-def _replace(tmp: Path, out: Path, *, force: bool) -> None:
+def _replace(tmp: Path, out: Path, *, force: bool, notes: Notes) -> None:
     old: Path | None = None
     if out.exists() and force:
+        _refuse_foreign(out)  # again, under the lock: a trainer may have written into it meanwhile
         old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
         os.rename(out, old)
     try:
@@ -156,7 +239,9 @@ def _replace(tmp: Path, out: Path, *, force: bool) -> None:
         raise OutputError(f"cannot rename {tmp} to {out}: {_strerror(e)}") from e
     _fsync_dir(out.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        left = remove_owned(old)
+        if left is not None:
+            notes(f"left {old} in place (the previous output): {left[0]} {left[1]}; delete it yourself")
 
 
 def _fsync_files(folder: Path) -> None:
@@ -179,96 +264,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# --- leftovers of killed runs ---------------------------------------------------------------------------
-
-
-def _sweep_partials(out: Path, notes: Notes) -> None:
-    """Remove `<out>.partial-*` folders whose run is gone; report the others. Runs under the lock."""
-    pattern = glob.escape(out.name) + ".partial-*"
-    for tmp in sorted(out.parent.glob(pattern)):
-        if not PARTIAL_NAME.match(tmp.name) or tmp.is_symlink() or not tmp.is_dir():
-            continue
-        owner = _marker_owner(tmp, out.name)
-        if owner is None:
-            if not any(tmp.iterdir()):  # killed between mkdir and the marker: nothing to lose
-                with contextlib.suppress(OSError):
-                    tmp.rmdir()
-                notes(f"removed {tmp}, an empty temporary folder left by an interrupted run")
-            else:
-                notes(f"{tmp} has no llamapro marker; left in place (delete it if it is not needed)")
-        elif _running(*owner):
-            notes(
-                f"{tmp} belongs to process {owner[0]}, which is still running; left in place "
-                "(if no llamapro run is writing it, delete it)"
-            )
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            notes(f"removed {tmp}, left by an interrupted run (its process {owner[0]} no longer runs)")
-
-
-def _marker_owner(tmp: Path, out_name: str) -> tuple[int, float] | None:
-    """(pid, start time) from a temporary folder's marker; None when absent or not ours."""
-    try:
-        marker = json.loads((tmp / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(marker, dict):
-        return None
-    pid, started = marker.get("pid"), marker.get("started")
-    if type(pid) is not int or pid <= 0 or not isinstance(started, int | float):
-        return None
-    if marker.get("out", out_name) != out_name:  # a marker copied from another run's folder
-        return None
-    return pid, float(started)
-
-
-def _running(pid: int, started: float) -> bool:
-    """Whether the process that wrote a marker at `started` still runs (pid alive, not a zombie,
-    and not a newer process that reuses the pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's live process
-    stat = _proc_stat(pid)
-    if stat is None:  # no /proc (macOS): a live pid is all we know; stay on the safe side
-        return True
-    state, start = stat
-    return state not in ("Z", "X") and start <= started + _START_SLACK_S
-
-
-def _proc_stat(pid: int) -> tuple[str, float] | None:
-    """(state letter, start time as a Unix time) from /proc, or None where /proc is unavailable."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime")
-        )
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
 # --- lock and signals -----------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    """An exclusive flock on `.<out>.llamapro-lock`, removed on release (inode re-checked on acquire)."""
+    """An exclusive flock on `.<out>.llamapro-lock`, removed on release (inode re-checked on acquire).
+    A link there is refused, never followed: following it would create or truncate any file as us."""
     path = out.parent / f".{out.name}.llamapro-lock"
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, flags, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputError(
+                    f"cannot create {out}: the lock file {path} is a symbolic link",
+                    hint="remove the link; llamapro never follows one there",
+                ) from e
             raise OutputError(
                 f"cannot create {out}: cannot write in {out.parent} ({_strerror(e)})",
                 hint="choose an --out in a folder you can write to",
             ) from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputError(f"cannot create {out}: the lock file {path} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -302,7 +322,7 @@ def _main_thread() -> bool:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into `Interrupted` so cleanup runs; a no-op outside the main thread."""
+    """Turn SIGINT/SIGTERM/SIGHUP into `Interrupted` so cleanup runs; a no-op outside the main thread."""
     if not _main_thread():
         yield
         return
@@ -320,8 +340,8 @@ def _signals_raise() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Record SIGINT/SIGTERM instead of raising while a step must not be cut in half (the final renames,
-    the cleanup); raise `Interrupted` for the first one afterwards."""
+    """Record SIGINT/SIGTERM/SIGHUP instead of raising while a step must not be cut in half (the final
+    renames, the cleanup); raise `Interrupted` for the first one afterwards."""
     if not _main_thread():
         yield
         return

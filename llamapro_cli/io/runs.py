@@ -3,7 +3,8 @@
 Owns `plan_runs()`, which turns a shard's tensor list into runs: consecutive output bytes that come from
 one contiguous source range (tensors adjacent in both source and output coalesce: a layer's tensors are
 contiguous in its shard and written in that order) or are all zeros. Owns `align_up` / `align_down` to
-the `ALIGN` block, the sha256 of n zero bytes, and a zero buffer that costs no memory until read.
+the `ALIGN` block, the sha256 of n zero bytes, a zero buffer that costs no memory until read, and
+`digest_key()`, which says when two tensors are the same bytes.
 
 Invariant: pure functions of the tensor layout; nothing here opens a file. Must not: import a writer
 (the writers import this), import torch.
@@ -19,6 +20,9 @@ from pathlib import Path
 
 from llamapro_cli.io.header import ALIGN, OutTensor
 
+# What a tensor's bytes are, for reusing its digest: (source, absolute offset, nbytes). Two tensors with
+# the same key hold the same bytes (a copied layer and its source), so one hash serves both.
+DigestKey = tuple[Path, int, int]
 ZERO_BUFFER = (1 << 20) + 2 * ALIGN
 ZEROS = memoryview(bytes(ZERO_BUFFER))  # calloc'd: reading it maps the zero page, no RSS
 
@@ -29,6 +33,11 @@ def align_up(n: int) -> int:
 
 def align_down(n: int) -> int:
     return n // ALIGN * ALIGN
+
+
+def digest_key(t: OutTensor) -> DigestKey | None:
+    """The key of a copied tensor's bytes; None for zeros (their digest is `zeros_sha256`)."""
+    return None if t.source is None else (t.source, t.offset, t.nbytes)
 
 
 @lru_cache(maxsize=64)

@@ -13,8 +13,11 @@ within `atol`). Engines:
 Both return one `NumericalResult` (`numerics.py`), from which the `IdentityReport` (`report.py`) is built.
 
 Invariant: the verdict is "identical" only when every check that ran found no difference. The layer
-mapping comes from `llamapro.json`, or is inferred (`lineage.layer_mapping`) and reported as such.
-Must not: print or choose exit codes (the CLI does); import torch or transformers at module level.
+mapping comes from `llamapro.json` (generations composed down to the base asked for), or is inferred
+(`lineage.layer_mapping`) and reported as such. What transformers could load only with the checkpoint's
+own code is refused before any check runs (`hf_engine.refuse_remote_code`).
+Must not: print or choose exit codes (the CLI does); run code from a checkpoint; import torch or
+transformers at module level.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from llamapro_cli.lineage import LayerMapping, layer_mapping
 from llamapro_cli.plan import ExpansionPlan
 from llamapro_cli.verify.engines.result import ServingReport
 from llamapro_cli.verify.hf_engine import config_reader
-from llamapro_cli.verify.inputs import make_inputs
+from llamapro_cli.verify.inputs import make_inputs, tokenizer_checkpoint
 from llamapro_cli.verify.numerics import Inputs, NumericalResult
 from llamapro_cli.verify.options import SERVING_ENGINES, Device, DType, Engine, Options
+from llamapro_cli.verify.progress import Phase, RunProgress
 from llamapro_cli.verify.report import IdentityReport, Verdict
 from llamapro_cli.verify.structural import StructuralResult, check_structure
 
@@ -79,7 +83,9 @@ def verify_identity(
     """Check that `expanded` computes what `base` (default: the source in its llamapro.json) computes.
 
     `structural=False` or `numerical=False` skip a check (the report says so); the numerical check
-    does not run after a structural mismatch, which already decides the verdict.
+    does not run after a structural mismatch, which already decides the verdict. `progress(done, total)`
+    follows every phase on one scale, bytes of weights processed (`progress.py`), and is called at least
+    once a second while a model loads.
     """
     started = time.monotonic()
     if not (structural or numerical):
@@ -99,15 +105,21 @@ def verify_identity(
     src = _open_base(exp, base)
     mapping = layer_mapping(exp, src)
     _check_base(exp, src, mapping.plan)
-    warnings = _lineage_warnings(exp, src, mapping.how, mapping.plan)
+    warnings = _lineage_warnings(src, mapping)
+    if numerical:
+        _refuse_checkpoint_code(src, exp, opts)
+    steps = RunProgress(progress, _phases(src, exp, opts, structural=structural, numerical=numerical))
     shape = (
-        check_structure(src, exp, mapping.plan, progress=progress, normalise=config_reader())
+        check_structure(
+            src, exp, mapping.plan, progress=steps.of(Phase.STRUCTURAL), normalise=config_reader()
+        )
         if structural
         else None
     )
     run, numbers = None, None
     if numerical and (shape is None or shape.ok):
-        run, numbers = _numerical(src, exp, mapping.plan, opts, warnings)
+        with steps.alive():  # loading a model inside transformers reports nothing for a while
+            run, numbers = _numerical(src, exp, mapping.plan, opts, warnings, steps)
     return _report(src, exp, mapping, shape, run, numbers, warnings, opts.atol, started)
 
 
@@ -143,24 +155,63 @@ def _check_base(exp: Checkpoint, base: Checkpoint, plan: ExpansionPlan) -> None:
         )
 
 
-def _lineage_warnings(exp: Checkpoint, base: Checkpoint, how: str, plan: ExpansionPlan) -> list[str]:
+def _lineage_warnings(base: Checkpoint, mapping: LayerMapping) -> list[str]:
     warnings = []
-    recorded = exp.provenance.source.config_sha256 if exp.provenance else None
+    recorded = mapping.source.config_sha256 if mapping.source else None
     if recorded and recorded != base.config_sha256:
         warnings.append(
             f"{base.root / 'config.json'} is not the config.json this checkpoint was expanded from"
         )
-    if how != "llamapro.json":
-        pairs = ", ".join(f"{x.index}<-{x.source}" for x in plan.layers if x.identity)
-        warnings.append(f"no {PROVENANCE_NAME}: layer mapping {how} (new<-source: {pairs})")
+    if mapping.source is None:
+        pairs = ", ".join(f"{x.index}<-{x.source}" for x in mapping.plan.layers if x.identity)
+        warnings.append(f"no {PROVENANCE_NAME}: layer mapping {mapping.how} (new<-source: {pairs})")
     return warnings
+
+
+def _refuse_checkpoint_code(base: Checkpoint, exp: Checkpoint, opts: Options) -> None:
+    """Before any check runs: refuse what transformers could load only with the checkpoint's own code."""
+    if importlib.util.find_spec("transformers") is None:
+        return  # nothing will be loaded through transformers
+    from llamapro_cli.verify.hf_engine import refuse_remote_code
+
+    if _planned_engine(opts.engine) is Engine.TRANSFORMERS:
+        for ckpt in (base, exp):
+            refuse_remote_code(ckpt, model=True, tokenizer=False)
+    source = tokenizer_checkpoint(exp, base) if opts.prompt is not None else None
+    if source is not None:
+        refuse_remote_code(source, model=False, tokenizer=True)
 
 
 # --- the numerical check --------------------------------------------------------------------------------
 
 
+def _phases(
+    base: Checkpoint, exp: Checkpoint, opts: Options, *, structural: bool, numerical: bool
+) -> list[tuple[Phase, int]]:
+    """The phases this run will go through, each sized in bytes of weights processed (`progress.py`)."""
+    phases = [(Phase.STRUCTURAL, exp.total_bytes())] if structural else []
+    if not numerical:
+        return phases
+    b, e = base.total_bytes(), exp.total_bytes()
+    if _planned_engine(opts.engine) is Engine.NATIVE:  # every block of both, once per pass
+        return [*phases, (Phase.LOCKSTEP, (b + e) * (1 + opts.decode_steps))]
+    runs = 3  # each model: loaded once, then three passes (full forward, cached decoding, greedy tokens)
+    return [
+        *phases,
+        (Phase.LOAD_BASE, b),
+        (Phase.RUN_BASE, runs * b),
+        (Phase.LOAD_EXPANDED, e),
+        (Phase.RUN_EXPANDED, runs * e),
+    ]
+
+
 def _numerical(
-    base: Checkpoint, exp: Checkpoint, plan: ExpansionPlan, opts: Options, warnings: list[str]
+    base: Checkpoint,
+    exp: Checkpoint,
+    plan: ExpansionPlan,
+    opts: Options,
+    warnings: list[str],
+    progress: RunProgress,
 ) -> tuple[Run, NumericalResult]:
     # MKL (torch's CPU BLAS) picks kernels by memory alignment, so the same product of the same values
     # can round differently in two models whose tensors sit at different addresses (measured: 7e-7 in
@@ -198,16 +249,25 @@ def _numerical(
     if engine is Engine.NATIVE:
         from llamapro_cli.verify.lockstep import run_native
 
-        return run, run_native(base, exp, plan, inputs, device, getattr(torch, dtype), opts.atol)
+        numbers = run_native(
+            base, exp, plan, inputs, device, getattr(torch, dtype), opts.atol, progress.of(Phase.LOCKSTEP)
+        )
+        return run, numbers
     from llamapro_cli.verify.hf_engine import compare_hf
 
-    return run, compare_hf(base.root, exp.root, inputs, device, getattr(torch, dtype), opts.atol)
+    return run, compare_hf(base.root, exp.root, inputs, device, getattr(torch, dtype), opts.atol, progress)
+
+
+def _planned_engine(choice: Engine) -> Engine:
+    """The engine `auto` stands for here (availability is checked by `_engine`)."""
+    if choice is not Engine.AUTO:
+        return choice
+    return Engine.TRANSFORMERS if importlib.util.find_spec("transformers") is not None else Engine.NATIVE
 
 
 def _engine(choice: Engine, exp: Checkpoint) -> Engine:
     has_hf = importlib.util.find_spec("transformers") is not None
-    if choice is Engine.AUTO:
-        choice = Engine.TRANSFORMERS if has_hf else Engine.NATIVE
+    choice = _planned_engine(choice)
     if choice is Engine.TRANSFORMERS and not has_hf:
         raise InputError(
             "--engine transformers needs the transformers package",

@@ -105,10 +105,18 @@ def vocab_size(ckpt: Checkpoint) -> int:
     raise InputError(f"{ckpt.root / 'config.json'}: no vocab_size", hint="use --prompt instead")
 
 
+def tokenizer_checkpoint(expanded: Checkpoint, base: Checkpoint) -> Checkpoint | None:
+    """Whose tokenizer `--prompt` goes through: the expanded checkpoint's, else the base's."""
+    return next((c for c in (expanded, base) if any((c.root / f).is_file() for f in TOKENIZER_FILES)), None)
+
+
 def tokenize(expanded: Checkpoint, base: Checkpoint, prompt: str) -> torch.Tensor:
-    """The prompt through the expanded checkpoint's tokenizer (else the base's): ids of shape (1, n)."""
-    roots = [r for r in (expanded.root, base.root) if any((r / f).is_file() for f in TOKENIZER_FILES)]
-    if not roots:
+    """The prompt through the expanded checkpoint's tokenizer (else the base's): ids of shape (1, n).
+
+    transformers is told `trust_remote_code=False` and cannot read stdin, and a tokenizer that only the
+    checkpoint's own code could build is refused first (`hf_engine.refuse_remote_code`)."""
+    source = tokenizer_checkpoint(expanded, base)
+    if source is None:
         raise InputError(
             f"{expanded.root}: no tokenizer files, so --prompt cannot be tokenized",
             hint="use --tokens N (seeded random token ids) instead",
@@ -120,13 +128,19 @@ def tokenize(expanded: Checkpoint, base: Checkpoint, prompt: str) -> torch.Tenso
         )
     from transformers import AutoTokenizer
 
+    from llamapro_cli.verify.hf_engine import refuse_remote_code, sealed
+
+    refuse_remote_code(source, model=False, tokenizer=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(roots[0])
+        with sealed():
+            tokenizer = AutoTokenizer.from_pretrained(source.root, trust_remote_code=False)
         ids: torch.Tensor = tokenizer(prompt, return_tensors="pt")["input_ids"].long()
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{roots[0]}: cannot use the tokenizer: {e}", hint="use --tokens N instead") from e
+        raise InputError(
+            f"{source.root}: cannot use the tokenizer: {e}", hint="use --tokens N instead"
+        ) from e
     if ids.shape[1] == 0:
         raise UsageError("--prompt gives no tokens", hint="use a longer prompt")
     if int(ids.max()) >= vocab_size(expanded):
-        raise InputError(f"{roots[0]}: the tokenizer gives ids beyond the model's vocabulary")
+        raise InputError(f"{source.root}: the tokenizer gives ids beyond the model's vocabulary")
     return ids

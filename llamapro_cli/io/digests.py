@@ -1,0 +1,71 @@
+"""sha256 of the bytes a shard shares with its sources, read once, for an engine that does not read them.
+
+The clone engine moves no data, so `--digests` has to read it: each distinct source range of the shard
+(`runs.digest_key`) that no earlier shard hashed is read once and hashed, and every tensor with the same
+bytes (a copied layer and its source) gets that digest; zero tensors get the precomputed digest of
+zeros. The reading is the direct engine's pipeline with its writes switched off (`DirectWriter` on no
+file): `O_DIRECT` reads into the buffer ring, hashing threads beside them, so a cloned expansion with
+digests costs one direct-I/O read of its input.
+
+Invariant: a source range is read at most once per expansion (`known` carries digests across shards);
+memory is the direct engine's ring. Must not: write anything, import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping, Sequence
+from pathlib import Path
+
+from llamapro_cli.io.direct import DirectWriter
+from llamapro_cli.io.header import ALIGN, OutTensor
+from llamapro_cli.io.runs import DigestKey, digest_key, zeros_sha256
+from llamapro_cli.io.sources import SourceFiles
+
+
+def hash_sources(
+    tensors: Sequence[OutTensor],
+    known: MutableMapping[DigestKey, str],
+    *,
+    chunk: int,
+    buffers: int,
+    progress: Callable[[int], None] | None,
+    delay: float = 0.0,
+    files: SourceFiles | None = None,
+) -> dict[str, str]:
+    """{name: sha256 hex} of every tensor; reads and hashes the ranges not in `known`, and adds them."""
+    fresh = sorted({key for t in tensors if (key := digest_key(t)) is not None and key not in known})
+    for source in dict.fromkeys(path for path, _, _ in fresh):
+        keys = [key for key in fresh if key[0] == source]
+        _hash_file(
+            source, keys, known, chunk=chunk, buffers=buffers, progress=progress, delay=delay, files=files
+        )
+    out = {}
+    for t in tensors:
+        key = digest_key(t)
+        out[t.name] = zeros_sha256(t.nbytes) if key is None else known[key]
+    if progress is not None:  # copies and zeros read nothing: their bytes count as done now
+        progress(sum(t.nbytes for t in tensors) - sum(n for _, _, n in fresh))
+    return out
+
+
+def _hash_file(
+    source: Path,
+    keys: list[DigestKey],
+    known: MutableMapping[DigestKey, str],
+    *,
+    chunk: int,
+    buffers: int,
+    progress: Callable[[int], None] | None,
+    delay: float,
+    files: SourceFiles | None,
+) -> None:
+    # The ranges as the tensors of a file written nowhere, after a lead-in that gives the first range
+    # its source phase: adjacent ranges coalesce into one run read straight into place with O_DIRECT.
+    ranges = [OutTensor(str(index), "U8", (n,), source, offset) for index, (_, offset, n) in enumerate(keys)]
+    lead_in = bytes(keys[0][1] % ALIGN)
+    reader = DirectWriter(
+        -1, source, chunk=chunk, buffers=buffers, digests=True, progress=progress, delay=delay, files=files
+    )
+    digests = reader.write(lead_in, ranges)
+    for index, key in enumerate(keys):
+        known[key] = digests[str(index)]
