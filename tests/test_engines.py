@@ -358,6 +358,23 @@ def test_an_expansion_that_breaks_gemma2s_alternation_needs_the_array(gemma2_pro
         gguf.pattern_plan(ckpt, info(None, layers=7), Path("out.gguf"))
 
 
+def test_a_checkpoint_naming_its_own_code_is_never_converted(gemma2_pro: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from llamapro_cli.checkpoint import Checkpoint
+
+    copy = tmp_path / "pro"
+    shutil.copytree(gemma2_pro, copy)
+    marker = tmp_path / "ran"
+    (copy / "tokenizer_evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    (copy / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["x.Y", None]}}))
+    with pytest.raises(InputError, match="never runs code from a checkpoint"):
+        gguf.convert(
+            Checkpoint.open(copy), tmp_path / "x.gguf", "float32", Path("/nonexistent"), tmp_path, []
+        )
+    assert not marker.exists() and not (tmp_path / "x.gguf").exists()
+
+
 class FakeField:
     def __init__(self, name: str, value: Any, types_: list[str]) -> None:
         self.name, self.value, self.types = name, value, types_
