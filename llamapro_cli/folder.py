@@ -56,9 +56,57 @@ def resolve(
     if path.exists():
         raise InputError(f"{path} is a file; expected a checkpoint folder or a hub repo id")
     text = str(source)
-    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
-        raise InputError(f"{path}: no such folder", hint="give a checkpoint folder or a hub repo id org/name")
-    return _snapshot(text, revision, local_only=local_only or hub_offline()), text
+    refuse_missing_path(text)
+    return _snapshot(text, revision, local_only=local_only or hub_offline() or not hub_reachable()), text
+
+
+def refuse_missing_path(text: str) -> None:
+    """A path-looking argument that names nothing is a mistyped path, not a hub repo id: say so at once,
+    before any network call. Path-looking: not `org/name`, or starting with `.`, `/` or `~`, or whose
+    `org` part is an existing local folder (`./realclient/bse` typed as `realclient/bse`)."""
+    path = Path(text).expanduser()
+    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")) or path.parent.is_dir():
+        siblings = _similar(path)
+        hint = (
+            f"did you mean {siblings}?" if siblings else "give a checkpoint folder or a hub repo id org/name"
+        )
+        raise InputError(f"{path}: no such folder", hint=hint)
+
+
+def _similar(path: Path) -> str:
+    """Folders beside a mistyped one whose names are close to it (at most three)."""
+    import difflib
+
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    return ", ".join(str(path.parent / name) for name in close)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers at all (a name lookup and a TCP connect, at most `timeout` s).
+
+    huggingface_hub retries a failed connection with back-off for about 25 s; a host that does not resolve
+    or refuses the connection will not answer the retries either, so we ask once and then read the local
+    cache. Behind a proxy (HTTPS_PROXY/HTTP_PROXY/ALL_PROXY) only the proxy can tell: we do not probe."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+    ):
+        return True
+    import huggingface_hub.constants
+
+    url = urlsplit(huggingface_hub.constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _check_readable(folder: Path) -> None:
@@ -90,9 +138,13 @@ def _snapshot(repo_id: str, revision: str | None, *, local_only: bool) -> Path:
             repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=local_only
         )
     except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") is not None and hub_offline()
         raise InputError(
-            f"{repo_id}: not in the local hub cache and the hub cannot be reached",
-            hint="download it first (hf download) or unset HF_HUB_OFFLINE",
+            f"{repo_id}: not in the local hub cache"
+            + (" (HF_HUB_OFFLINE is set)" if offline else " and the hub cannot be reached"),
+            hint="unset HF_HUB_OFFLINE to download it"
+            if offline
+            else f"check the name, or download it where the hub can be reached (hf download {repo_id})",
         ) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise InputError(f"{repo_id}: cannot resolve on the hub: {_first_line(e)}") from e

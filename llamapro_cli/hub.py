@@ -31,7 +31,7 @@ from typing import Any
 
 from llamapro_cli.checkpoint import Checkpoint, cross_check
 from llamapro_cli.errors import InputError, OutputError, UsageError
-from llamapro_cli.folder import check_within, hub_offline, resolve
+from llamapro_cli.folder import check_within, hub_offline, hub_reachable, refuse_missing_path, resolve
 from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
 from llamapro_cli.io.header import DTYPE_BITS, Header, TensorInfo, tensor_nbytes
 from llamapro_cli.io.leftovers import MARKER
@@ -57,6 +57,9 @@ def open_for_inspect(source: str | Path, *, revision: str | None = None) -> Chec
     """A folder as `Checkpoint.open` reads it; a repo id from its remote headers (no weights downloaded)."""
     if Path(source).expanduser().exists() or hub_offline():
         return Checkpoint.open(source, revision=revision)
+    refuse_missing_path(str(source))  # a mistyped local path fails at once, before any network call
+    if not hub_reachable():
+        return cached_checkpoint(str(source), revision=revision)
     repo_id = str(source)
     try:
         _validate_repo_id(repo_id)

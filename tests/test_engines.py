@@ -349,13 +349,30 @@ def test_an_expansion_that_breaks_gemma2s_alternation_needs_the_array(gemma2_pro
     assert gguf.pattern_mismatch(ckpt, info(None)) == [2, 3, 4, 8]
     assert gguf.pattern_mismatch(ckpt, info(gguf.wanted_pattern(ckpt))) == []
     assert gguf.pattern_mismatch(ckpt, info(None, arch="qwen2")) is None
-    plan = gguf._pattern_plan(ckpt, info(None), Path("out.gguf"))
+    plan = gguf.pattern_plan(ckpt, info(None), Path("out.gguf"))
     assert plan.written and plan.key == "gemma2.attention.sliding_window_pattern"
     assert plan.sliding_layers == (0, 3, 6)
     with pytest.raises(InputError, match="reads no per-layer sliding pattern"):
-        gguf._pattern_plan(ckpt, info(None, arch="qwen2"), Path("out.gguf"))
+        gguf.pattern_plan(ckpt, info(None, arch="qwen2"), Path("out.gguf"))
     with pytest.raises(InputError, match="has 7 layers"):
-        gguf._pattern_plan(ckpt, info(None, layers=7), Path("out.gguf"))
+        gguf.pattern_plan(ckpt, info(None, layers=7), Path("out.gguf"))
+
+
+def test_a_checkpoint_naming_its_own_code_is_never_converted(gemma2_pro: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from llamapro_cli.checkpoint import Checkpoint
+
+    copy = tmp_path / "pro"
+    shutil.copytree(gemma2_pro, copy)
+    marker = tmp_path / "ran"
+    (copy / "tokenizer_evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    (copy / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["x.Y", None]}}))
+    with pytest.raises(InputError, match="never runs code from a checkpoint"):
+        gguf.convert(
+            Checkpoint.open(copy), tmp_path / "x.gguf", "float32", Path("/nonexistent"), tmp_path, []
+        )
+    assert not marker.exists() and not (tmp_path / "x.gguf").exists()
 
 
 class FakeField:

@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -326,6 +327,7 @@ class FakeRemote:
 @pytest.fixture
 def remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], FakeRemote]:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("llamapro_cli.hub.hub_reachable", lambda: True)  # the fake client is the hub
     return lambda folder: FakeRemote(folder, tmp_path / "snapshot", monkeypatch)
 
 
@@ -467,3 +469,53 @@ def test_offline_expand_from_repo_id(
     assert "[org/tiny](https://huggingface.co/org/tiny)" in card.text
     assert " ".join(args) in card.text  # the command as typed
     assert "Seeded random weights" in card.text  # the cached README, below its heading
+
+
+# --- a mistyped local path is not a repo id; an unreachable hub is said at once -------------------------
+
+
+def test_a_mistyped_local_path_fails_at_once_without_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "realclient" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a mistyped path must not reach the network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.setattr("socket.create_connection", no_network)
+    for command in (["inspect", "realclient/bse"], ["expand", "--every", "2", "--in", "realclient/bse"]):
+        args = [*command, "--out", str(tmp_path / "out")] if command[0] == "expand" else command
+        started = time.monotonic()
+        result = CliRunner().invoke(app, args)
+        assert time.monotonic() - started < 1.0
+        assert result.exit_code == 3, result.stderr
+        assert result.stderr.splitlines() == [
+            "error: realclient/bse: no such folder",
+            "hint: did you mean realclient/base?",
+        ]
+
+
+def test_an_unreachable_hub_is_one_quick_line_with_a_fitting_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # discard: refused
+    for args in (["inspect", "someorg/somemodel"], ["freeze-map", "someorg/somemodel"]):
+        started = time.monotonic()
+        result = CliRunner().invoke(app, args)
+        assert time.monotonic() - started < 5.0
+        assert result.exit_code == 3, result.stderr
+        lines = result.stderr.splitlines()
+        assert (
+            lines[0] == "error: someorg/somemodel: not in the local hub cache and the hub cannot be reached"
+        )
+        assert "HF_HUB_OFFLINE" not in result.stderr and "hf download someorg/somemodel" in lines[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(app, ["inspect", "someorg/somemodel"])
+    assert result.exit_code == 3 and "hint: unset HF_HUB_OFFLINE" in result.stderr

@@ -107,10 +107,12 @@ def register(app: typer.Typer, wrap: Callable[[Callable[..., None]], Any]) -> No
     app.add_typer(group, name="engines")
 
 
-GGUF_EXAMPLES = ("llamapro gguf-pattern ./gemma2-pro gemma2-pro-f32.gguf gemma2-pro-fixed.gguf",)
+GGUF_EXAMPLES = (
+    "llamapro gguf-pattern ./gemma2-pro gemma2-pro-f32.gguf gemma2-pro-fixed.gguf",
+    "llamapro gguf-pattern ./gemma2-pro in.gguf fixed.gguf --json   (verify-identity --engine llama.cpp "
+    "checks the same fix)",
+)
 GGUF_AFTER = (
-    "Then `llamapro verify-identity --out ./gemma2-pro --engine llama.cpp` checks the fix on its\n"
-    "own GGUFs.\n\n"
     "Exit codes: 0 written (or nothing to fix: the GGUF is copied unchanged and a note says so); 2 usage;\n"
     "3 EXPANDED or GGUF_IN unreadable, or no llama.cpp environment; 4 GGUF_OUT exists or cannot be written."
 )
@@ -127,7 +129,7 @@ def gguf_pattern(
     """Write the per-layer sliding-window pattern of EXPANDED into a copy of its GGUF.
 
     llama.cpp derives which layers slide from the layer index (Gemma 2: every other layer) unless the GGUF
-    carries the array {arch}.attention.sliding_window_pattern, which the converter does not write for
+    carries the array ARCH.attention.sliding_window_pattern, which the converter does not write for
     Gemma 2 and Gemma 3. An expansion breaks the index pattern, so llama.cpp would run a different model;
     this writes the array from EXPANDED's config.json (layer_types) with the gguf writer of the llama.cpp
     source the engine was built from. Tensors are copied unchanged.

@@ -88,12 +88,6 @@ class LearningReport:
     bytes_read: int
     seconds: float
 
-    def table(self) -> str:
-        """The human table (stdout)."""
-        from llamapro_cli.freeze.learning_view import table
-
-        return table(self)
-
 
 @dataclass(frozen=True)
 class TrainingReport:

@@ -151,6 +151,7 @@ def find_converter(python: Path) -> Path:
 
 def convert(ckpt: Checkpoint, out: Path, dtype: str, python: Path, work: Path, warnings: list[str]) -> Path:
     """`ckpt` as a GGUF of `dtype` at `out`, converted by the engine's converter."""
+    refuse_checkpoint_code(ckpt)
     model_dir = _with_tokenizer(ckpt, work / f"{out.stem}-view", python, warnings)
     command = [str(python), str(find_converter(python)), str(model_dir), "--outfile", str(out)]
     command += ["--outtype", OUTTYPE[dtype]]
@@ -161,6 +162,24 @@ def convert(ckpt: Checkpoint, out: Path, dtype: str, python: Path, work: Path, w
             hint="the converter of this llama.cpp version does not support this checkpoint",
         )
     return out
+
+
+def refuse_checkpoint_code(ckpt: Checkpoint) -> None:
+    """llama.cpp's converter loads tokenizers with `trust_remote_code=True`: a checkpoint whose config or
+    tokenizer config names its own code (`auto_map`) would run that code. llamapro never does that."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = ckpt.root / name
+        try:
+            doc = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            doc = {}
+        if isinstance(doc, dict) and "auto_map" in doc:
+            raise InputError(
+                f"{path}: auto_map names the checkpoint's own Python code, which llama.cpp's converter would "
+                "run (it loads tokenizers with trust_remote_code=True); llamapro never runs code from a "
+                "checkpoint",
+                hint="review that code and convert the checkpoint yourself, or use --engine vllm or mlx",
+            )
 
 
 def _with_tokenizer(ckpt: Checkpoint, view: Path, python: Path, warnings: list[str]) -> Path:
@@ -227,7 +246,7 @@ def write_gguf_pattern(
     with tempfile.TemporaryDirectory(prefix="llamapro-gguf-") as tmp:
         work = Path(tmp)
         info = inspect_ggufs(engine_python, [src], work)[0]
-        result = _pattern_plan(expanded, info, dst)
+        result = pattern_plan(expanded, info, dst)
         partial = dst.with_name(f"{dst.name}.partial-{secrets.token_hex(4)}")
         try:
             if result.written:
@@ -241,7 +260,7 @@ def write_gguf_pattern(
     return result
 
 
-def _pattern_plan(expanded: Checkpoint, info: GgufInfo, dst: Path) -> PatternResult:
+def pattern_plan(expanded: Checkpoint, info: GgufInfo, dst: Path) -> PatternResult:
     key = f"{info.architecture}.attention.sliding_window_pattern"
     wanted = wanted_pattern(expanded)
     if info.block_count is not None and info.block_count != expanded.num_layers:

@@ -32,7 +32,8 @@ def versions() -> dict[str, str]:
 def load(request: adapter_io.Request, path: str) -> Any:
     mx: Any = importlib.import_module("mlx.core")
     utils: Any = importlib.import_module("mlx_lm.utils")
-    mx.set_default_device(mx.gpu if request.device in ("gpu", "cuda") else mx.cpu)
+    if request.device == "cpu":  # otherwise MLX's default: Metal on a Mac, the CPU with mlx[cpu]
+        mx.set_default_device(mx.cpu)
     loaded = utils.load_model(Path(path), lazy=True)
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     model.set_dtype(getattr(mx, DTYPES[request.dtype]))
