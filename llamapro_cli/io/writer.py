@@ -166,18 +166,7 @@ class _Job:
                 raise OutputError(f"cannot write {self.path}: {os_message(e)}") from e
             try:
                 enable_direct(fd)  # where refused, the same writes go through the page cache
-                buffers = int(os.environ.get("LLAMAPRO_IO_BUFFERS") or DIRECT_BUFFERS)
-                writer = DirectWriter(
-                    fd,
-                    self.path,
-                    chunk=_chunk(DIRECT_CHUNK),
-                    buffers=buffers,
-                    digests=False,
-                    progress=progress,
-                    delay=self.delay,
-                    files=self.files,
-                )
-                writer.write(b"", tensors, start=start)
+                self._direct_writer(fd, digests=False, progress=progress).write(b"", tensors, start=start)
             finally:
                 os.close(fd)
 
@@ -187,19 +176,30 @@ class _Job:
         """Write with O_DIRECT; None where the output's filesystem refuses it."""
         if not enable_direct(fd):
             return None
+        writer = self._direct_writer(fd, digests=self.digests, progress=self.progress, known=self.known)
+        return writer.write(self.head, self.tensors)
+
+    def _direct_writer(
+        self,
+        fd: int,
+        *,
+        digests: bool,
+        progress: Callable[[int], None] | None,
+        known: Mapping[DigestKey, str] | None = None,
+    ) -> DirectWriter:
+        """The direct engine on `fd`, with this shard's source files, delay and the ring's size."""
         buffers = int(os.environ.get("LLAMAPRO_IO_BUFFERS") or DIRECT_BUFFERS)
-        writer = DirectWriter(
+        return DirectWriter(
             fd,
             self.path,
             chunk=_chunk(DIRECT_CHUNK),
             buffers=buffers,
-            digests=self.digests,
-            progress=self.progress,
+            digests=digests,
+            progress=progress,
             delay=self.delay,
-            known=self.known,
+            known=known,
             files=self.files,
         )
-        return writer.write(self.head, self.tensors)
 
     def buffered(self, fd: int) -> dict[str, str]:
         writer = BufferedWriter(
