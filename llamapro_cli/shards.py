@@ -1,11 +1,13 @@
 """The output's shard layout and the small JSON files written beside the shards.
 
-Owns `ShardSummary` (one safetensors file, written or read), `parse_size()` (`--max-shard-size`), the split
-of the output tensors into standard `model-0000K-of-0000N.safetensors` shards (huggingface_hub's splitter,
-on sizes alone), the index (`model.safetensors.index.json`) and the JSON writer every output file uses
-(exclusive create, fsynced, one format so hashes of the provenance record are reproducible).
+Owns `ShardSummary` (one safetensors file, written or read), `parse_size()` (`--max-shard-size`), the
+split of the output tensors into standard `model-0000K-of-0000N.safetensors` shards (by size, never two
+source files in one shard: see `split_shards`), the index (`model.safetensors.index.json`) and the JSON
+writer every output file uses (exclusive create, fsynced, one format so hashes of the provenance record
+are reproducible).
 
-Invariant: the split depends on tensor sizes and order only. Must not: read tensor data; print.
+Invariant: the split depends on tensor sizes, order and source files only.
+Must not: read tensor data; print.
 """
 
 from __future__ import annotations
@@ -57,18 +59,36 @@ def parse_size(text: str | int) -> int:
 
 
 def split_shards(tensors: list[OutTensor], max_shard: int) -> Shards:
-    from huggingface_hub import split_state_dict_into_shards_factory
+    """Standard `model-0000K-of-0000N.safetensors` shards of at most `max_shard` bytes (a larger tensor
+    alone), each holding copies of ONE source file only.
 
-    by_name = {t.name: t for t in tensors}
-    split = split_state_dict_into_shards_factory(
-        by_name,
-        get_storage_size=lambda t: t.nbytes,
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard,
-    )
-    return tuple(
-        (fname, tuple(by_name[n] for n in names)) for fname, names in split.filename_to_tensors.items()
-    )
+    Why one source per shard: an output shard's data can keep the block phase (offset mod 4096) of one
+    source file only, and bytes at their source phase are what the clone engine shares and the direct
+    engine reads straight into place; a shard mixing two sources copies the other one's bytes. So the
+    tensors are grouped by source file, in the order each file first appears (a stable partition: inside
+    a group the output order is kept), and each group is cut at `max_shard`. Zero tensors (no source)
+    join the group of the tensor before them (the first group when they lead).
+    """
+    groups: dict[Path | None, list[OutTensor]] = {}
+    current: Path | None = next((t.source for t in tensors if t.source is not None), None)
+    for t in tensors:
+        if t.source is not None:
+            current = t.source
+        groups.setdefault(current, []).append(t)
+    cut: list[list[OutTensor]] = []
+    for group in groups.values():
+        size = 0
+        start = len(cut)
+        for t in group:
+            if len(cut) == start or (size + t.nbytes > max_shard and size > 0):
+                cut.append([])
+                size = 0
+            cut[-1].append(t)
+            size += t.nbytes
+    if len(cut) == 1:
+        return (("model.safetensors", tuple(cut[0])),)
+    n = len(cut)
+    return tuple((f"model-{k + 1:05d}-of-{n:05d}.safetensors", tuple(ts)) for k, ts in enumerate(cut))
 
 
 def write_index(path: Path, shards: Shards) -> None:

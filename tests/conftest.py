@@ -73,6 +73,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo", layers=4)
 
 
+@pytest.fixture(scope="session")
+def demo_one_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo checkpoint as one model.safetensors (the demo itself is sharded, and each output shard
+    keeps the tensors of one input shard): for tests that read or edit a single-file expansion."""
+    import tiny_models
+
+    from llamapro_cli.demo import write_demo_checkpoint
+
+    return tiny_models.one_file(write_demo_checkpoint(tmp_path_factory.mktemp("demo1") / "demo", layers=4))
+
+
 @pytest.fixture
 def src(demo: Path, tmp_path: Path) -> Path:
     """A private copy of the demo checkpoint, for tests that corrupt, lock or compare their input."""

@@ -223,3 +223,83 @@ def test_write_shard_clones_whole_blocks_and_allocates_the_rest(xfs: Path) -> No
     assert _shared_bytes(out) == 2 * 39 * ALIGN  # each copy's whole blocks
     assert out.stat().st_blocks * 512 <= 2 * 39 * ALIGN + 6 * ALIGN  # + header, run ends; zeros a hole
     out.unlink()
+
+
+def _sharded_block_sized(dest: Path) -> Path:
+    """A two-shard llama whose tensors are whole 4 KiB blocks (as a real model's are: hidden size 1024
+    in float32), the two shards' headers of different lengths: two block phases, as on the hub."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, layers = 1024, 2
+    gen = torch.Generator().manual_seed(0)
+    names = [("model.embed_tokens.weight", (8, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        names += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
+        names += [(p + f"mlp.{x}_proj.weight", (h, h)) for x in ("gate", "up", "down")]
+        names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+    names += [("model.norm.weight", (h,)), ("lm_head.weight", (8, h))]
+    tensors = {n: torch.randn(shape, generator=gen) for n, shape in names}
+    dest.mkdir()
+    split = len(names) // 2
+    parts = {
+        "model-00001-of-00002.safetensors": names[:split],
+        "model-00002-of-00002.safetensors": names[split:],
+    }
+    for fname, part in parts.items():
+        meta = {"format": "pt", "padding": "x" * (100 if fname.startswith("model-00001") else 1000)}
+        save_file({n: tensors[n] for n, _ in part}, str(dest / fname), metadata=meta)
+    index = {
+        "metadata": {"total_size": 0},
+        "weight_map": {n: f for f, part in parts.items() for n, _ in part},
+    }
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+        "intermediate_size": h, "num_hidden_layers": layers, "num_attention_heads": 8,
+        "num_key_value_heads": 8, "vocab_size": 8, "torch_dtype": "float32",
+    }  # fmt: skip
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_a_sharded_input_is_shared_block_for_block(xfs: Path) -> None:
+    # Each output shard holds one input shard's tensors (and their copies), so all of its data keeps
+    # that source's block phase: everything copied is shared, only the header's block is written.
+    src = _sharded_block_sized(xfs / "sharded-in")
+    phases = {read_header(p).data_offset % ALIGN for p in src.glob("*.safetensors")}
+    assert len(phases) == 2  # the case a mixed output shard could not clone
+    out = xfs / "sharded-out"
+    report = expand(src, out, every=1, max_shard_size="10MB")
+    assert {s.engine for s in report.shards} == {"clone"} and len(report.shards) >= 4
+    sources = Checkpoint.open(src)
+    copied = shared = unshared = count = 0
+    for shard in report.shards:
+        path = out / shard.name
+        names = [n for n in read_header(path).tensors if _copied(n, report)]
+        assert len({sources.location(_source_name(n, report))[0] for n in names}) == 1, shard.name
+        copied += sum(read_header(path).tensors[n].nbytes for n in names)
+        shared += _shared_bytes(path)
+        unshared += path.stat().st_blocks * 512 - _shared_bytes(path)
+        count += len(names)
+    # Written: at most the two partial blocks at the ends of each copied tensor (run ends are fewer).
+    assert shared >= copied - 2 * ALIGN * count and unshared <= 2 * ALIGN * count, (copied, shared, unshared)
+    assert unshared < copied // 50
+    shutil.rmtree(out)
+    shutil.rmtree(src)
+
+
+def _copied(name: str, report: Any) -> bool:
+    """Not a zeroed branch-final tensor of a new layer."""
+    new = {layer.index for layer in report.layers if layer.identity}
+    parts = name.split(".")
+    return not (len(parts) > 3 and int(parts[2]) in new and parts[-2] in ("o_proj", "down_proj"))
+
+
+def _source_name(name: str, report: Any) -> str:
+    """The input tensor an output tensor copies."""
+    parts = name.split(".")
+    if name.startswith("model.layers."):
+        parts[2] = str(next(layer.source for layer in report.layers if layer.index == int(parts[2])))
+    return ".".join(parts)

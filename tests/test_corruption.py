@@ -585,7 +585,9 @@ def test_an_output_header_over_the_cap_is_refused_before_writing(
         result = CliRunner().invoke(
             app, ["expand", "--every", "2", "--in", str(root), "--out", str(out), *extra]
         )
-        case = Case("header-over-cap", lambda r: None, (str(out / "model.safetensors"), "over the"))
+        case = Case(
+            "header-over-cap", lambda r: None, (str(out / "model-00001-of-00002.safetensors"), "over the")
+        )
         assert_one_error(result, case)
         assert not out.exists() and not list(tmp_path.glob("out.*"))
     assert digest_tree(root) == before

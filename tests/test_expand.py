@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import tiny_models
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from llamapro_cli.checkpoint import Checkpoint
@@ -199,7 +201,9 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     assert "identity copy" in result.stdout and "free space" in result.stdout
-    assert "model.safetensors" in result.stdout
+    # Two input shards, two output shards: a shard never mixes two sources (their block phases differ).
+    assert "model-00001-of-00002.safetensors" in result.stdout
+    assert "model-00002-of-00002.safetensors" in result.stdout
     doc = json.loads(
         CliRunner()
         .invoke(app, ["expand", "--every", "4", "--in", str(src), "--out", str(out), "--dry-run", "--json"])
@@ -272,3 +276,43 @@ def test_symlinked_input_gives_real_files(tmp_path: Path) -> None:
         real / "generation_config.json"
     ).read_bytes()
     shutil.rmtree(tmp_path / "o")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c", None]), st.integers(1, 50)), min_size=1, max_size=40),
+    st.integers(1, 120),
+)
+def test_shards_never_mix_sources_and_keep_the_order(
+    items: list[tuple[str | None, int]], max_shard: int
+) -> None:
+    # One source file per output shard (its block phase is the shard's), each group in output order,
+    # cut at max_shard (a larger tensor alone); zero tensors ride with the tensor before them.
+    from llamapro_cli.io.header import OutTensor
+    from llamapro_cli.shards import split_shards
+
+    tensors = [
+        OutTensor(f"t{i}", "U8", (n,), None if s is None else Path(s), 0) for i, (s, n) in enumerate(items)
+    ]
+    shards = split_shards(tensors, max_shard)
+    flat = [t for _, ts in shards for t in ts]
+    assert sorted(t.name for t in flat) == sorted(t.name for t in tensors)
+    names = [name for name, _ in shards]
+    n = len(shards)
+    assert names == (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    )
+    group: dict[str, Path | None] = {}
+    current = next((t.source for t in tensors if t.source is not None), None)
+    for t in tensors:
+        current = t.source or current
+        group[t.name] = current
+    for _, ts in shards:
+        assert len({group[t.name] for t in ts}) == 1
+        assert len(ts) == 1 or sum(t.nbytes for t in ts) <= max_shard
+    position = {t.name: i for i, t in enumerate(tensors)}
+    for source in set(group.values()):
+        in_group = [position[t.name] for t in flat if group[t.name] == source]
+        assert in_group == sorted(in_group)

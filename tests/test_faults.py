@@ -297,7 +297,7 @@ def test_file_size_limit_is_an_output_error(src: Path, tmp_path: Path) -> None:
 
     rc, stdout, stderr = finish(start(expand_cmd(src, out), preexec_fn=limit))
     assert rc == 4, stderr
-    assert_one_error(stderr, "cannot write", "model.safetensors", "File too large")
+    assert_one_error(stderr, "cannot write", "model-00001-of-00002.safetensors", "File too large")
     assert stdout == ""
     assert_no_leftovers(out)
     assert digest(src) == before
@@ -556,7 +556,7 @@ def _trainer_checkpoint(out: Path) -> None:  # trainers save into the model fold
 
 
 def _rewritten_shard(out: Path) -> None:  # save_pretrained over ours: same name, same size
-    shard = out / "model.safetensors"
+    shard = out / "model-00001-of-00002.safetensors"
     shard.write_bytes(bytes(reversed(shard.read_bytes())))
 
 
@@ -573,7 +573,7 @@ def _notes(out: Path) -> None:
     ("change", "names"),
     [
         (_trainer_checkpoint, "checkpoint-1000"),
-        (_rewritten_shard, "model.safetensors"),
+        (_rewritten_shard, "model-00001-of-00002.safetensors"),
         (_linked_record, "llamapro.json"),
         (_notes, "notes.txt"),
     ],
@@ -625,7 +625,9 @@ def test_files_written_after_the_force_check_are_kept(src: Path, tmp_path: Path)
     out.rename(aside)
     (aside / "trainer_state.json").write_text("{}")
     assert remove_owned(aside) == (aside / "trainer_state.json", "was not written by llamapro expand")
-    assert (aside / "model.safetensors").is_file() and (aside / "trainer_state.json").read_text() == "{}"
+    assert (aside / "model-00001-of-00002.safetensors").is_file() and (
+        aside / "trainer_state.json"
+    ).read_text() == "{}"
     (aside / "trainer_state.json").unlink()
     assert remove_owned(aside) is None and not aside.exists()
 

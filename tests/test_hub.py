@@ -20,6 +20,7 @@ from typing import Any
 
 import huggingface_hub
 import pytest
+import tiny_models
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
@@ -350,7 +351,12 @@ def test_remote_inspect_reads_headers_only(
 
 def test_remote_inspect_single_file_and_table(tmp_path: Path, remote: Callable[[Path], FakeRemote]) -> None:
     single = tmp_path / "single"
-    expand(write_demo_checkpoint(tmp_path / "d", layers=4), single, every=2, max_shard_size="1GB")
+    expand(
+        tiny_models.one_file(write_demo_checkpoint(tmp_path / "d", layers=4)),
+        single,
+        every=2,
+        max_shard_size="1GB",
+    )
     assert (single / "model.safetensors").exists()
     remote(single)
     result = _invoke("inspect", REPO)

@@ -45,11 +45,11 @@ FROZEN += ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
 
 
 @pytest.fixture(scope="module")
-def pro(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def pro(demo_one_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("verify-frozen")
-    expand(demo, root / "digests", every=2, digests=True)
-    expand(demo, root / "plain", every=2)
-    expand(demo, root / "sharded", every=2, max_shard_size="2MB")
+    expand(demo_one_file, root / "digests", every=2, digests=True)
+    expand(demo_one_file, root / "plain", every=2)
+    expand(demo_one_file, root / "sharded", every=2, max_shard_size="2MB")
     return {"digests": root / "digests", "plain": root / "plain", "sharded": root / "sharded"}
 
 

@@ -775,3 +775,18 @@ def reference_expand(
 
 
 _NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+
+
+def one_file(folder: Path) -> Path:
+    """Rewrite a sharded checkpoint folder as one model.safetensors (same tensors, same metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shards = sorted(folder.glob("model-*.safetensors"))
+    with safe_open(str(shards[0]), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v for shard in shards for k, v in load_file(shard).items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
+    for path in [*shards, folder / "model.safetensors.index.json"]:
+        path.unlink()
+    return folder

@@ -71,7 +71,8 @@ def expand(
     max_shard_size: Annotated[
         str,
         typer.Option(
-            metavar="SIZE", help="Largest output shard (e.g. 5GB, 500MB); one file when it all fits."
+            metavar="SIZE",
+            help="Largest output shard (e.g. 5GB, 500MB); a shard never mixes two input shards.",
         ),
     ] = "5GB",
     digests: Annotated[
@@ -155,7 +156,7 @@ COMMAND = CommandSpec("expand", expand, EXAMPLES)
 
 
 def oversized_shards(report: ExpandReport, max_shard_size: str) -> str | None:
-    """One line when shards exceed --max-shard-size. The split follows huggingface_hub: the limit counts
+    """One line when shards exceed --max-shard-size. As in huggingface_hub's split, the limit counts
     tensor bytes (each header comes on top) and a tensor is never split, so one larger than the limit
     gets a shard of its own, bigger than the limit."""
     from llamapro_cli.shards import parse_size
