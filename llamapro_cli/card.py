@@ -1,4 +1,4 @@
-"""The model card `expand` writes as the output's README.md, built with huggingface_hub's `ModelCard`.
+"""The model card `expand` writes as the output's README.md, in the format of huggingface_hub's `ModelCard`.
 
 The input's card is parsed, its metadata (license, gating `extra_gated_*`, language, tags, datasets, …)
 merged into a new `ModelCardData`, and its text kept below a heading. We add what the Hub uses to show
@@ -12,6 +12,8 @@ Otherwise the card keeps the original text without its metadata, and `expand` wa
 
 Invariant: metadata is only ever produced by `ModelCardData.to_yaml()`, never hand-written YAML, so the
 card parses back with `ModelCard`; no YAML is loaded before its expanded size is known to be small.
+Only `huggingface_hub.repocard_data` is imported, never `repocard`: that one pulls in the Hub client
+(httpx, ~250 modules), a cold second on every `expand`, for a class that splits a string at `---`.
 Must not: print, touch the network, or invent a `base_model` for a local input (the Hub would link to
 whatever repo has that name).
 """
@@ -19,6 +21,7 @@ whatever repo has that name).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,9 @@ _DROPPED_KEYS = frozenset(
 MAX_CARD_SIZE = 1024 * 1024  # the input's README.md; real ones are kilobytes
 MAX_METADATA_SIZE = 64 * 1024  # its YAML header (license, tags, gating, ...): real ones are ~1 KB
 MAX_METADATA_NODES = 10_000  # YAML nodes after expanding every alias
+# huggingface_hub.repocard.REGEX_YAML_BLOCK, the Hub's own split of a card into metadata and text (a
+# test checks that the two stay the same).
+YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 
 
 @dataclass(frozen=True)
@@ -57,19 +63,18 @@ class CardFacts:
     original: str | None  # the input's README.md text, None when it has none
 
 
-def model_card(facts: CardFacts) -> Any:
-    """A `huggingface_hub.ModelCard`: merged metadata header + our body + the original card's text."""
-    from huggingface_hub import ModelCard
-
+def model_card(facts: CardFacts) -> str:
+    """The card's text (what `str(ModelCard)` gives): merged metadata header + our body + the original
+    card's text."""
     metadata, original_text = _parse_original(facts.original)
     data = card_data(metadata, facts)
     body = _body(facts, original_text)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
 def write_model_card(path: Path, facts: CardFacts) -> None:
     """Write the card to `path` (a new file in the temporary output folder), fsynced like every output."""
-    text = str(model_card(facts))
+    text = model_card(facts)
     try:
         with open(path, "x", encoding="utf-8") as f:
             f.write(text if text.endswith("\n") else text + "\n")
@@ -81,7 +86,7 @@ def write_model_card(path: Path, facts: CardFacts) -> None:
 
 def card_data(original: dict[str, Any], facts: CardFacts) -> Any:
     """The original card's metadata, minus what described the original repo, plus our lineage fields."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub.repocard_data import ModelCardData
 
     kept = {k: v for k, v in original.items() if k not in _DROPPED_KEYS}
     tags = kept.pop("tags", None) or []
@@ -121,9 +126,8 @@ def read_card_source(readme: Path) -> tuple[str | None, list[str]]:
 def metadata_problem(text: str) -> str | None:
     """Why the card's YAML metadata must not be loaded (too large, or expanding too far); None if fine."""
     import yaml  # a dependency (pyproject.toml); no stubs installed, mypy's overrides ignore them
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    match = REGEX_YAML_BLOCK.search(text)
+    match = YAML_BLOCK.search(text)
     if match is None:
         return None
     block = match.group(2)
@@ -163,20 +167,24 @@ def _parse_original(text: str | None) -> tuple[dict[str, Any], str]:
     one whose metadata is too large or expands too far is its text without the header."""
     if not text or not text.strip():
         return {}, ""
-    from huggingface_hub import ModelCard
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+    import yaml
+    from huggingface_hub.repocard_data import ModelCardData
 
-    match = REGEX_YAML_BLOCK.search(text)
+    match = YAML_BLOCK.search(text)
     if not match:  # no header (ModelCard would log a warning: we never print)
         return {}, text
     if metadata_problem(text):
         return {}, text[match.end() :]
+    # What ModelCard(text, ignore_metadata_errors=True) does: safe_load the block, a mapping or nothing,
+    # through ModelCardData (which normalises eval results, drops None values).
     try:
-        card = ModelCard(text, ignore_metadata_errors=True)
-    except Exception:  # yaml.YAMLError or a non-mapping header: keep every byte as text rather than guess
+        loaded = yaml.safe_load(match.group(2))
+        if loaded is not None and not isinstance(loaded, dict):
+            return {}, text  # a non-mapping header: keep every byte as text rather than guess
+        data: Any = ModelCardData(**(loaded or {}), ignore_metadata_errors=True)  # to_dict is untyped
+        return dict(data.to_dict()), text[match.end() :]
+    except Exception:  # yaml.YAMLError, or keys ModelCardData refuses: keep every byte as text
         return {}, text
-    data: Any = card.data  # ModelCardData.to_dict is untyped
-    return dict(data.to_dict()), str(card.text)
 
 
 def _body(facts: CardFacts, original_text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -230,3 +231,25 @@ def test_card_data_tags_and_plan_options() -> None:
     assert plan_options(plan_expansion(8, every=4, copies=2)) == "--every 4 --copies 2"
     assert plan_options(plan_expansion(8, after=[1, 5, 5])) == "--after 1,5,5"
     assert plan_options(plan_expansion(8, add=2, placement="top")) == "--add 2 --placement top"
+
+
+def test_the_card_splits_metadata_as_the_hub_does() -> None:
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    from llamapro_cli.card import YAML_BLOCK
+
+    assert YAML_BLOCK.pattern == REGEX_YAML_BLOCK.pattern and YAML_BLOCK.flags == REGEX_YAML_BLOCK.flags
+
+
+def test_expand_never_imports_the_hub_client(demo: Path, tmp_path: Path) -> None:
+    # repocard pulls in huggingface_hub's HTTP client (~250 modules, a cold second): a local expansion,
+    # model card included, must not pay for it.
+    script = (
+        "import sys; from llamapro_cli.expand import expand; "
+        f"expand({str(demo)!r}, {str(tmp_path / 'pro')!r}, every=2); "
+        "heavy = ('huggingface_hub.repocard', 'huggingface_hub.hf_api', 'httpx', 'torch'); "
+        "print(sorted(m for m in sys.modules if m in heavy or m.startswith(('httpx', 'torch'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+    assert (tmp_path / "pro" / "README.md").read_text().startswith("---\n")
