@@ -118,7 +118,10 @@ def compare(
     else:
         render_compare(report)
     if report.within_max_kl is False:
-        raise CheckFailed(f"mean KL(A‖B) {_number(report.mean_kl)} is above --max-kl {report.max_kl:g}")
+        limit = f"--max-kl {report.max_kl:g}"
+        if report.mean_kl is None:
+            raise CheckFailed(f"mean KL(A‖B) is not finite (Inf or NaN logits), so it is not within {limit}")
+        raise CheckFailed(f"mean KL(A‖B) {_number(report.mean_kl)} is above {limit}")
 
 
 COMMAND = CommandSpec("compare", compare, EXAMPLES, after=AFTER_EXAMPLES)
