@@ -453,3 +453,61 @@ def test_json_document_is_the_report(demo_pair: tuple[Path, Path, Path]) -> None
     assert 0 < doc["top1_agreement"] <= 1 and doc["mean_kl"] > 0
     report = compare_checkpoints(base, changed, engine="native")
     assert {k: getattr(report, k) for k in FIGURES} == {k: doc[k] for k in FIGURES}
+
+
+# --- no code from a checkpoint ----------------------------------------------------------------------------
+
+EVIL = "from pathlib import Path\nPath({marker!r}).write_text('checkpoint code ran')\n"
+
+
+@pytest.mark.hf
+def test_code_in_a_checkpoint_never_runs(
+    demo_pair: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer or a model only the checkpoint's own code (`auto_map`) could build is refused before
+    anything loads; beside a model transformers implements, its own class runs and the planted code never."""
+    pytest.importorskip("transformers")
+    from llamapro_cli.verify import hf_engine
+
+    base, pro, _ = demo_pair
+    marker = tmp_path / "PWNED"
+    evil = shutil.copytree(pro, tmp_path / "evil")
+    for module in ("tokenizer_evil", "modeling_evil"):
+        (evil / f"{module}.py").write_text(EVIL.format(marker=str(marker)))
+    auto_map = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    config = json.loads((evil / "config.json").read_text())
+    (evil / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    # transformers implements llama: its own class runs, the checkpoint's module never does
+    assert as_json(cli(base, evil, "--engine", "transformers", "--json"))["mean_kl"] == 0.0
+    monkeypatch.setattr(hf_engine, "_implemented", lambda model_type: False)  # as if it did not
+    one_error(cli(base, evil, "--engine", "transformers"), 3, "auto_map asks it to run the checkpoint's code")
+    monkeypatch.undo()
+    tokenizer = {
+        "tokenizer_class": "EvilTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenizer_evil.Evil", None]},
+    }
+    (evil / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    one_error(
+        cli(evil, evil, "--prompt", "def fib(n):"), 3, "its tokenizer", "never runs code from a checkpoint"
+    )
+    assert not marker.exists()
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_gives_the_figures_of_the_cpu(demo_pair: tuple[Path, Path, Path]) -> None:
+    """float32 on CUDA: other kernels, so other roundings, but the same figures to a few digits; the
+    identity expansion still measures exactly zero."""
+    base, pro, changed = demo_pair
+    cpu = as_json(cli(base, changed, "--engine", "native", "--dtype", "float32", "--device", "cpu", "--json"))
+    for engine in ("native", "transformers"):
+        gpu = as_json(
+            cli(base, changed, "--engine", engine, "--dtype", "float32", "--device", "cuda", "--json")
+        )
+        assert gpu["device"] == "cuda" and gpu["peak_gpu_bytes"] > 0
+        for key in ("max_abs_logit_diff", "mean_abs_logit_diff", "mean_kl", "perplexity_a", "perplexity_b"):
+            assert gpu[key] == pytest.approx(cpu[key], rel=1e-3), (engine, key)
+        zero = as_json(cli(base, pro, "--engine", engine, "--device", "cuda", "--json"))
+        _assert_zero(zero)
