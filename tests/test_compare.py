@@ -289,6 +289,22 @@ def test_logits_that_are_not_finite_give_null_figures_and_valid_json() -> None:
     assert got.max_abs_logit_diff is None and got.mean_kl is None and got.mean_abs_logit_diff is None
     assert got.cross_entropy_a == pytest.approx(math.log(4)) and got.top1_agreement == pytest.approx(2 / 3)
     json.dumps(got.__dict__, allow_nan=False)
+    # an entry both models mask with -inf (probability 0 on both sides) adds nothing: no NaN from 0 * inf
+    x = torch.randn(1, 5, 6, generator=torch.Generator().manual_seed(2))
+    y = x + 0.1
+    y[0, :, 0] += 0.5
+    masked = [t.clone() for t in (x, y)]
+    for t in masked:
+        t[0, :, 5] = float("-inf")
+    both, plain = LogitStats(), LogitStats()
+    both.add(*masked, torch.full((5,), -1))
+    plain.add(x[..., :5], y[..., :5], torch.full((5,), -1))
+    assert (both.metrics().nonfinite_a, both.metrics().nonfinite_b) == (5, 5)
+    assert (
+        both.metrics().mean_kl == pytest.approx(plain.metrics().mean_kl, rel=1e-12)
+        and plain.metrics().mean_kl
+    )
+    assert both.metrics().max_abs_logit_diff == plain.metrics().max_abs_logit_diff
 
 
 # --- the verdict: only with --max-kl ------------------------------------------------------------------------

@@ -139,7 +139,9 @@ def compare_checkpoints(
     metrics, peak_loaded = _measure(ckpt_a, ckpt_b, ids, run_engine, run_device, run_dtype, progress)
     for label, count in (("A", metrics.nonfinite_a), ("B", metrics.nonfinite_b)):
         if count:
-            warnings.append(f"{label} gave {count} logits that are Inf or NaN: figures they reach are null")
+            warnings.append(
+                f"{label} gave {count} logits that are Inf or NaN (a figure they make non-finite is null)"
+            )
     return CompareReport(
         a=ckpt_a.repo_id or str(ckpt_a.root),
         b=ckpt_b.repo_id or str(ckpt_b.root),

@@ -3,9 +3,9 @@
 A piece is (chunk index, first position, A's logits, B's logits) for a run of positions of one chunk;
 `compare_metrics.LogitStats` consumes them and drops them.
 - transformers (`hf_pieces`): the real modelling code through `hf_engine.load_model` (eager attention,
-  no remote code, loading checked clean). A is loaded, run on every chunk and freed; its logits stay on
-  the CPU in the run's dtype; then B is loaded and each chunk's logits come beside A's. Peak memory: one
-  model, plus A's logits for the whole input (tokens × vocabulary × dtype bytes).
+  no remote code, loading checked clean). A is loaded, run on every chunk and freed; its logits wait on
+  the CPU in the run's dtype; then B is loaded and each chunk's logits (on the run's device) come beside
+  A's. Peak memory: one model, plus A's logits for the whole input (tokens × vocabulary × dtype bytes).
 - native (`native_pieces`): the streaming engine of `model.py`, one block resident at a time; per chunk,
   A's logits are kept while B's head gives its rows in pieces of at most 64 MiB. The `Meter` counts the
   weights resident.
@@ -49,7 +49,7 @@ def hf_pieces(
     try:
         kept: dict[int, torch.Tensor] = {}
         for k, ids in enumerate(chunks):
-            kept[k] = _logits(model, ids, device)
+            kept[k] = _logits(model, ids, device).cpu()  # A's wait on the CPU while B loads
             progress(Phase.RUN_A, k + 1, len(chunks))
     finally:
         del model
@@ -95,7 +95,7 @@ def _logits(model: Any, ids: torch.Tensor, device: str) -> torch.Tensor:
 
     with torch.inference_mode(), sealed():
         logits: torch.Tensor = model(input_ids=ids.to(device), use_cache=False).logits
-    return logits.cpu()
+    return logits
 
 
 def native_pieces(

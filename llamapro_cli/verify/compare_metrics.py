@@ -9,7 +9,8 @@ log q = log_softmax(b_t), both in float64:
 - top-1 agreement: argmax a_t == argmax b_t;
 - each model's next-token cross-entropy -log p[target_t] where position t has a following token (the
   last position of a chunk has none); perplexity is exp of the mean.
-Rows are converted ROWS at a time, so memory is a few rows × V × 8 bytes however long the input.
+Rows are converted ROWS at a time, on the device B's logits are on (a GPU computes its own figures), so
+memory is a few rows × V × 8 bytes however long the input.
 
 Invariant: identical logits give exactly 0 for |Δ| and KL, full top-1 agreement and equal cross-entropies
 (both sides go through the same float64 operations). A figure that is not finite (a model produced Inf
@@ -78,24 +79,30 @@ class LogitStats:
             self._rows(rows_a[span], rows_b[span], targets[span].cpu())
 
     def _rows(self, a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor) -> None:
+        """One block of rows, in float64 on B's device (a GPU computes its own figures)."""
         import torch
 
-        x, y = a.to("cpu", torch.float64), b.to("cpu", torch.float64)
-        self.nonfinite_a += int((~x.isfinite()).sum())
-        self.nonfinite_b += int((~y.isfinite()).sum())
-        delta = torch.where(x == y, 0.0, (x - y).abs())  # equal infinities differ by 0
-        self.max_abs = torch.maximum(self.max_abs, delta.max())  # NaN propagates
-        self.sum_abs += delta.sum()
+        x, y = a.to(b.device, torch.float64), b.to(torch.float64)
+        bad_a, bad_b = _nonfinite(x), _nonfinite(y)
+        self.nonfinite_a, self.nonfinite_b = self.nonfinite_a + bad_a, self.nonfinite_b + bad_b
+        finite = not (bad_a or bad_b)
+        delta = (x - y).abs()
+        if not finite:
+            delta = torch.where(x == y, 0.0, delta)  # equal infinities differ by 0
+        self.max_abs = torch.maximum(self.max_abs, delta.max().cpu())  # NaN propagates
+        self.sum_abs += delta.sum().cpu()
         log_p, log_q = torch.log_softmax(x, dim=-1), torch.log_softmax(y, dim=-1)
         p = log_p.exp()
-        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
-        self.sum_kl += kl.clamp_min(0.0).sum()  # clamp_min keeps a NaN a NaN
+        terms = p * (log_p - log_q)
+        if not finite:  # p = 0 where both log-probabilities are -inf: 0, not 0 * NaN
+            terms = torch.where(p > 0, terms, 0.0)
+        self.sum_kl += terms.sum(dim=-1).clamp_min(0.0).sum().cpu()  # clamp_min keeps a NaN a NaN
         self.agree += int((x.argmax(dim=-1) == y.argmax(dim=-1)).sum())
         self.positions += x.shape[0]
         has_next = targets >= 0
         rows, following = has_next.nonzero().flatten(), targets[has_next]
-        self.nll_a -= log_p[rows, following].sum()
-        self.nll_b -= log_q[rows, following].sum()
+        self.nll_a -= log_p[rows.to(x.device), following.to(x.device)].sum().cpu()
+        self.nll_b -= log_q[rows.to(x.device), following.to(x.device)].sum().cpu()
         self.predicted += int(rows.numel())
 
     def metrics(self) -> Metrics:
@@ -116,6 +123,12 @@ class LogitStats:
             nonfinite_a=self.nonfinite_a,
             nonfinite_b=self.nonfinite_b,
         )
+
+
+def _nonfinite(rows: torch.Tensor) -> int:
+    """How many values are Inf or NaN. A sum of finite logits is finite in float64, so the (slower)
+    count runs only when the sum is not."""
+    return 0 if bool(rows.sum().isfinite()) else int((~rows.isfinite()).sum())
 
 
 def _finite(value: float) -> float | None:
