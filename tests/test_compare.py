@@ -400,6 +400,15 @@ def test_random_ids_are_capped_by_max_tokens_with_a_warning(demo: Path) -> None:
 # --- what cannot be compared, and bad options -------------------------------------------------------------
 
 
+def test_an_unknown_architecture_exits_3(demo: Path, tmp_path: Path) -> None:
+    other = shutil.copytree(demo, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(
+        json.dumps({**config, "model_type": "bert", "architectures": ["BertModel"]})
+    )
+    one_error(cli(demo, other), 3, "unsupported architecture: model_type 'bert'")
+
+
 def test_different_vocabularies_exit_3(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llamapro_cli import demo as demo_module
 
@@ -430,7 +439,8 @@ def test_native_engine_refuses_a_family_it_cannot_run(tiny_model: Callable[..., 
     [
         (["--tokens", "8", "--prompt", "x"], "--prompt and --tokens exclude each other"),
         (["--tokens", "1"], "--tokens must be at least 2"),
-        (["--max-tokens", "1"], "--max-tokens must be at least 2"),
+        (["--max-tokens", "1"], "--max-tokens must be between 2 and 1048576, got 1"),
+        (["--max-tokens", "999999999999999999"], "--max-tokens must be between 2 and 1048576"),
         (["--max-kl", "-1"], "--max-kl must be zero or a positive number, got -1.0"),
         (["--max-kl", "nan"], "--max-kl must be zero or a positive number, got nan"),
         (["--engine", "vllm"], "--engine 'vllm' is not one of auto, transformers, native"),

@@ -26,7 +26,13 @@ from pathlib import Path
 
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
-from llamapro_cli.verify.compare_inputs import DEFAULT_MAX_TOKENS, Tokens, make_tokens
+from llamapro_cli.verify.compare_inputs import (
+    DEFAULT_MAX_TOKENS,
+    MAX_TOKENS_LIMIT,
+    RANDOM,
+    Tokens,
+    make_tokens,
+)
 from llamapro_cli.verify.compare_metrics import Metrics
 from llamapro_cli.verify.inputs import vocab_size
 from llamapro_cli.verify.options import Device, DType, Engine, choice
@@ -86,6 +92,15 @@ class CompareReport:
     peak_gpu_bytes: int | None
 
 
+@dataclass(frozen=True)
+class Run:
+    """How the two models run: engine, device, dtype."""
+
+    engine: Engine
+    device: str
+    dtype: str
+
+
 def compare_checkpoints(
     a: str | Path | Checkpoint,
     b: str | Path | Checkpoint,
@@ -110,38 +125,29 @@ def compare_checkpoints(
     # Before the first matrix product: MKL rounds by memory alignment unless strict (verify/identity.py),
     # and identical weights must give identical logits.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-    chosen: CompareEngine = choice(CompareEngine, engine, "--engine")
-    device_choice: Device = choice(Device, device, "--device")
-    dtype_choice: DType = choice(DType, dtype, "--dtype")
+    choices = (
+        choice(CompareEngine, engine, "--engine"),
+        choice(Device, device, "--device"),
+        choice(DType, dtype, "--dtype"),
+    )
     _check_options(text=text, prompt=prompt, tokens=tokens, max_tokens=max_tokens, max_kl=max_kl)
     ckpt_a = a if isinstance(a, Checkpoint) else Checkpoint.open(a)
     ckpt_b = b if isinstance(b, Checkpoint) else Checkpoint.open(b)
     vocab = _same_vocabulary(ckpt_a, ckpt_b)
-    run_engine = pick_engine(Engine(chosen.value), ckpt_a, ckpt_b)
-    if run_engine is Engine.TRANSFORMERS:
-        from llamapro_cli.verify.hf_engine import refuse_remote_code
-
-        for ckpt in (ckpt_a, ckpt_b):
-            refuse_remote_code(ckpt, model=True, tokenizer=False)
     warnings: list[str] = []
-    run_dtype = _dtype(ckpt_a, ckpt_b, dtype_choice, warnings)
-    run_device = pick_device(device_choice)
+    run = _run(ckpt_a, ckpt_b, *choices, warnings)
+    path = None if text is None else Path(text)
     ids = make_tokens(
-        ckpt_a,
-        ckpt_b,
-        text=None if text is None else Path(text),
-        prompt=prompt,
-        tokens=tokens,
-        seed=seed,
-        max_tokens=max_tokens,
+        ckpt_a, ckpt_b, text=path, prompt=prompt, tokens=tokens, seed=seed, max_tokens=max_tokens,
         warnings=warnings,
-    )
-    metrics, peak_loaded = _measure(ckpt_a, ckpt_b, ids, run_engine, run_device, run_dtype, progress)
+    )  # fmt: skip
+    metrics, peak_loaded = _measure(ckpt_a, ckpt_b, ids, run, progress)
     for label, count in (("A", metrics.nonfinite_a), ("B", metrics.nonfinite_b)):
         if count:
             warnings.append(
                 f"{label} gave {count} logits that are Inf or NaN (a figure they make non-finite is null)"
             )
+    within = None if max_kl is None else metrics.mean_kl is not None and metrics.mean_kl <= max_kl
     return CompareReport(
         a=ckpt_a.repo_id or str(ckpt_a.root),
         b=ckpt_b.repo_id or str(ckpt_b.root),
@@ -150,12 +156,12 @@ def compare_checkpoints(
         num_layers_a=ckpt_a.num_layers,
         num_layers_b=ckpt_b.num_layers,
         vocab_size=vocab,
-        engine=run_engine.value,
-        device=run_device,
-        dtype=run_dtype,
+        engine=run.engine.value,
+        device=run.device,
+        dtype=run.dtype,
         input=ids.kind,
-        text=None if text is None else str(text),
-        seed=seed if ids.kind == "random token ids" else None,
+        text=None if path is None else str(path),
+        seed=seed if ids.kind == RANDOM else None,
         tokens=int(ids.ids.shape[1]),
         chunks=len(ids.chunks),
         chunk_tokens=ids.chunk_tokens,
@@ -169,12 +175,12 @@ def compare_checkpoints(
         perplexity_a=metrics.perplexity_a,
         perplexity_b=metrics.perplexity_b,
         max_kl=max_kl,
-        within_max_kl=None if max_kl is None else metrics.mean_kl is not None and metrics.mean_kl <= max_kl,
+        within_max_kl=within,
         peak_bytes_loaded=peak_loaded,
         warnings=tuple(warnings),
         seconds=round(time.monotonic() - started, 3),
         peak_rss_bytes=peak_rss_bytes(),
-        peak_gpu_bytes=peak_gpu_bytes(run_device),
+        peak_gpu_bytes=peak_gpu_bytes(run.device),
     )
 
 
@@ -190,8 +196,8 @@ def _check_options(
         raise UsageError(f"{' and '.join(given)} exclude each other", hint="give one of them")
     if tokens is not None and tokens < 2:
         raise UsageError(f"--tokens must be at least 2 (one token predicts nothing), got {tokens}")
-    if max_tokens < 2:
-        raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if not 2 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise UsageError(f"--max-tokens must be between 2 and {MAX_TOKENS_LIMIT}, got {max_tokens}")
     if max_kl is not None and not (max_kl >= 0 and math.isfinite(max_kl)):  # also refuses NaN
         raise UsageError(f"--max-kl must be zero or a positive number, got {max_kl}")
 
@@ -207,6 +213,19 @@ def _same_vocabulary(a: Checkpoint, b: Checkpoint) -> int:
     return va
 
 
+def _run(
+    a: Checkpoint, b: Checkpoint, engine: CompareEngine, device: Device, dtype: DType, warnings: list[str]
+) -> Run:
+    """The engine (refused when it cannot run either checkpoint, or would need their code), device, dtype."""
+    run_engine = pick_engine(Engine(engine.value), a, b)
+    if run_engine is Engine.TRANSFORMERS:
+        from llamapro_cli.verify.hf_engine import refuse_remote_code
+
+        for ckpt in (a, b):
+            refuse_remote_code(ckpt, model=True, tokenizer=False)
+    return Run(run_engine, pick_device(device), _dtype(a, b, dtype, warnings))
+
+
 def _dtype(a: Checkpoint, b: Checkpoint, chosen: DType, warnings: list[str]) -> str:
     """`--dtype`, else the checkpoints' own when they agree, else float32 (which holds either exactly)."""
     if chosen is not DType.AUTO:
@@ -219,14 +238,9 @@ def _dtype(a: Checkpoint, b: Checkpoint, chosen: DType, warnings: list[str]) -> 
 
 
 def _measure(
-    a: Checkpoint,
-    b: Checkpoint,
-    ids: Tokens,
-    engine: Engine,
-    device: str,
-    dtype: str,
-    progress: Callable[[int, int], None] | None,
+    a: Checkpoint, b: Checkpoint, ids: Tokens, run: Run, progress: Callable[[int, int], None] | None
 ) -> tuple[Metrics, int | None]:
+    """The figures of A's and B's logits on `ids`, and (native engine) the most weight bytes resident."""
     import torch
 
     from llamapro_cli.verify.compare_engines import hf_pieces, native_pieces, phases
@@ -234,15 +248,15 @@ def _measure(
     from llamapro_cli.verify.model import Meter
 
     chunks = ids.chunks
-    steps = RunProgress(progress, phases(engine.value, a, b, len(chunks)))
-    meter = Meter() if engine is Engine.NATIVE else None
-    if device == "cuda":
+    steps = RunProgress(progress, phases(run.engine.value, a, b, len(chunks)))
+    meter = Meter() if run.engine is Engine.NATIVE else None
+    if run.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    torch_dtype = getattr(torch, dtype)
+    dtype = getattr(torch, run.dtype)
     pieces = (
-        native_pieces(a, b, chunks, device, torch_dtype, meter, steps)
+        native_pieces(a, b, chunks, run.device, dtype, meter, steps)
         if meter is not None
-        else hf_pieces(a, b, chunks, device, torch_dtype, steps)
+        else hf_pieces(a, b, chunks, run.device, dtype, steps)
     )
     stats = LogitStats()
     with steps.alive(), torch.inference_mode():  # loading a model inside transformers reports nothing

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_MAX_TOKENS = 2048
+MAX_TOKENS_LIMIT = 1 << 20  # --max-tokens: more is a usage error, not an allocation that fails later
+RANDOM = "random token ids"
 VERIFY_DECODE_STEPS = 8  # verify-identity's default: its default sequence is long enough to decode 8 steps
 
 
@@ -85,7 +87,7 @@ def make_tokens(
         if length > max_tokens:
             warnings.append(f"random token ids capped at {max_tokens} (asked for {length}): --max-tokens")
             length = max_tokens
-        ids, kind = random_ids(vocab, length, seed), "random token ids"
+        ids, kind = random_ids(vocab, length, seed), RANDOM
     return Tokens(ids=ids, kind=kind, chunk_tokens=min(ids.shape[1], context(a, b) or ids.shape[1]))
 
 
