@@ -352,6 +352,11 @@ def test_text_through_the_shared_tokenizer(
     prompt = as_json(cli(base, changed, "--prompt", " ".join(letters[:20]), "--max-tokens", "12", "--json"))
     assert (prompt["input"], prompt["tokens"]) == ("prompt", 12)
     assert prompt["warnings"] == ["prompt cut to its first 12 tokens (of 20): --max-tokens"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (changed / name).unlink(missing_ok=True)
+    alone = as_json(cli(base, changed, "--prompt", " ".join(letters[:20]), "--json"))
+    assert alone["warnings"] == [f"only {base} has a tokenizer: its tokens are fed to both models"]
+    assert (alone["input"], alone["tokens"], alone["predicted_tokens"]) == ("prompt", 20, 19)
 
 
 @pytest.mark.hf
