@@ -1,8 +1,8 @@
 """llamapro: exact LLaMA Pro block expansion for Hugging Face safetensors checkpoints.
 
 The public API is the CLI's verbs: `describe_checkpoint`, `plan_expansion`, `expand`, `verify_identity`,
-`freeze_map`, `apply_freeze_map`, `verify_frozen`, `learning_report`, `check_trainer_config`,
-`merge_adapter`. Those that may need torch are re-exported lazily
+`compare_checkpoints`, `freeze_map`, `apply_freeze_map`, `verify_frozen`, `learning_report`,
+`check_trainer_config`, `merge_adapter`. Those that may need torch are re-exported lazily
 (PEP 562), so `import llamapro_cli` and `llamapro --help` stay fast.
 """
 
@@ -20,6 +20,7 @@ from llamapro_cli.version import __version__
 # Verbs that may pull in torch load on first use.
 _API = {
     "verify_identity": "verify.identity",
+    "compare_checkpoints": "verify.compare",
     "freeze_map": "freeze.map",
     "apply_freeze_map": "freeze.apply",
     "verify_frozen": "freeze.audit",

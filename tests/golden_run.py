@@ -24,6 +24,7 @@ COMMANDS = (
     "inspect",
     "expand",
     "verify-identity",
+    "compare",
     "freeze-map",
     "verify-frozen",
     "merge-adapter",
@@ -152,6 +153,8 @@ def transcript() -> str:
         run("verify-identity", "--out", "pro")
         run("verify-identity", "--out", "pro2", "--json")
         run("verify-identity", "--out", "pro", "--engine", "native", "--json")
+        run("compare", "base", "pro")
+        run("compare", "base", "pro2", "--engine", "native", "--tokens", "40", "--max-kl", "0")
         run("verify-frozen", "--map", "pro", "--trained", "pro2")
         run("verify-frozen", "--map", "pro", "--trained", "pro2", "--report", "--quiet")  # no progress lines
         run("verify-frozen", "--map", "pro2", "--trained", "pro2", "--json")

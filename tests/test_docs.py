@@ -79,6 +79,7 @@ def _reports() -> dict[str, type]:
     from llamapro_cli.freeze.map import FreezeMap
     from llamapro_cli.hub import PushReport
     from llamapro_cli.merge import MergeReport
+    from llamapro_cli.verify.compare import CompareReport
     from llamapro_cli.verify.identity import IdentityReport
 
     return {
@@ -86,6 +87,7 @@ def _reports() -> dict[str, type]:
         "llamapro expand --json": ExpandReport,
         "llamapro push --json": PushReport,
         "llamapro verify-identity --json": IdentityReport,
+        "llamapro compare --json": CompareReport,
         "llamapro freeze-map --format json": FreezeMap,
         "llamapro verify-frozen --json": FrozenReport,
         "llamapro verify-frozen --report --json": TrainingReport,

@@ -23,7 +23,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from llamapro_cli.cli import console, demo, engines_cmds, expand, freeze, hub, inspect, merge, verify
+from llamapro_cli.cli import compare, console, demo, engines_cmds, expand, freeze, hub, inspect, merge, verify
 from llamapro_cli.cli.options import Command, CommandSpec
 from llamapro_cli.errors import Interrupted, LlamaproError, OutputError
 from llamapro_cli.version import __version__
@@ -38,6 +38,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     inspect.COMMAND,
     expand.COMMAND,
     verify.COMMAND,
+    compare.COMMAND,
     engines_cmds.GGUF_PATTERN,
     freeze.FREEZE_MAP,
     freeze.VERIFY_FROZEN,

@@ -50,7 +50,7 @@ def compare_hf(
     """The transformers engine: the base's outputs, then the expanded model's, compared."""
     try:
         reference, problems = hf_outputs(base_root, inputs, device, dtype, progress, BASE_PHASES)
-    except _LoadFailed as e:
+    except LoadFailed as e:
         raise InputError(
             f"transformers cannot load the base {base_root}: {e}",
             hint="the numerical check needs a transformers version that supports it; try --engine native",
@@ -62,7 +62,7 @@ def compare_hf(
         )
     try:
         got, problems = hf_outputs(expanded_root, inputs, device, dtype, progress, EXPANDED_PHASES)
-    except _LoadFailed as e:
+    except LoadFailed as e:
         problem = f"transformers cannot load the expanded checkpoint: {e}"
         return NumericalResult(None, None, False, None, None, problem, problem=problem)
     numbers = compare_outputs(reference, got, atol)
@@ -127,8 +127,8 @@ BASE_PHASES = (Phase.LOAD_BASE, Phase.RUN_BASE)
 EXPANDED_PHASES = (Phase.LOAD_EXPANDED, Phase.RUN_EXPANDED)
 
 
-class _LoadFailed(Exception):
-    pass
+class LoadFailed(Exception):
+    """transformers could not build the model (its first line says why)."""
 
 
 def hf_outputs(
@@ -145,7 +145,7 @@ def hf_outputs(
     report = progress or (lambda phase, done, total: None)
     load, run = phases
     report(load, 0, 1)
-    model, problems = _hf_load(root, device, dtype)
+    model, problems = load_model(root, device, dtype)
     report(load, 1, 1)
     calls = [0, 1 + (1 + inputs.ids.shape[1] - inputs.prefill) + inputs.decode_steps]  # forward calls
 
@@ -163,12 +163,21 @@ def hf_outputs(
         return Outputs(full.cpu(), cached.cpu(), greedy.cpu()), problems
     finally:
         del model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
 
 
-def _hf_load(root: Path, device: str, dtype: torch.dtype) -> tuple[Any, list[str]]:
+def release(device: str) -> None:
+    """Give a dropped model's memory back (call after the last reference to it is gone)."""
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def load_model(root: Path, device: str, dtype: torch.dtype) -> tuple[Any, list[str]]:
+    """One checkpoint as transformers loads it (eager attention, no remote code), on `device` in `dtype`,
+    and its loading problems (missing, unexpected or mismatched keys); `LoadFailed` when it cannot."""
     import transformers
 
     # transformers >= 4.56 calls it `dtype`; older versions only know `torch_dtype`.
@@ -184,7 +193,7 @@ def _hf_load(root: Path, device: str, dtype: torch.dtype) -> tuple[Any, list[str
         with sealed():  # we report loading problems ourselves
             loaded: Any = _model_class(transformers, root).from_pretrained(root, **kwargs)
     except Exception as e:  # transformers raises many types (config validation, shapes, OS errors)
-        raise _LoadFailed(_first_line(e)) from e
+        raise LoadFailed(_first_line(e)) from e
     model, info = loaded
     labels = {
         "missing_keys": "missing key",

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import resource
-import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.errors import InputError, UnsupportedError, UsageError
+from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.io.files import PROVENANCE_NAME
 from llamapro_cli.lineage import LayerMapping, layer_mapping
 from llamapro_cli.plan import ExpansionPlan
@@ -44,11 +41,17 @@ from llamapro_cli.verify.numerics import Inputs, NumericalResult
 from llamapro_cli.verify.options import SERVING_ENGINES, Device, DType, Engine, Options
 from llamapro_cli.verify.progress import Phase, RunProgress
 from llamapro_cli.verify.report import IdentityReport, Verdict
+from llamapro_cli.verify.runtime import (
+    auto_dtype,
+    peak_gpu_bytes,
+    peak_rss_bytes,
+    pick_device,
+    pick_engine,
+    planned_engine,
+)
 from llamapro_cli.verify.structural import StructuralResult, check_structure
 
 __all__ = ["DType", "Device", "Engine", "IdentityReport", "Verdict", "auto_dtype", "verify_identity"]
-
-_FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ def _refuse_checkpoint_code(base: Checkpoint, exp: Checkpoint, opts: Options) ->
         return  # nothing will be loaded through transformers
     from llamapro_cli.verify.hf_engine import refuse_remote_code
 
-    if _planned_engine(opts.engine) is Engine.TRANSFORMERS:
+    if planned_engine(opts.engine) is Engine.TRANSFORMERS:
         for ckpt in (base, exp):
             refuse_remote_code(ckpt, model=True, tokenizer=False)
     source = tokenizer_checkpoint(exp, base) if opts.prompt is not None else None
@@ -193,7 +196,7 @@ def _phases(
     if not numerical:
         return phases
     b, e = base.total_bytes(), exp.total_bytes()
-    if _planned_engine(opts.engine) is Engine.NATIVE:  # every block of both, once per pass
+    if planned_engine(opts.engine) is Engine.NATIVE:  # every block of both, once per pass
         return [*phases, (Phase.LOCKSTEP, (b + e) * (1 + opts.decode_steps))]
     runs = 3  # each model: loaded once, then three passes (full forward, cached decoding, greedy tokens)
     return [
@@ -220,8 +223,8 @@ def _numerical(
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     import torch
 
-    engine = _engine(opts.engine, exp)
-    device = _device(opts.device)
+    engine = pick_engine(opts.engine, exp)
+    device = pick_device(opts.device)
     dtype = auto_dtype(exp) if opts.dtype is DType.AUTO else opts.dtype.value
     if engine is Engine.LLAMA_CPP and opts.dtype is DType.AUTO:
         dtype = "float32"  # the GGUF conversion's default: f32 holds every source dtype exactly
@@ -256,58 +259,6 @@ def _numerical(
     from llamapro_cli.verify.hf_engine import compare_hf
 
     return run, compare_hf(base.root, exp.root, inputs, device, getattr(torch, dtype), opts.atol, progress)
-
-
-def _planned_engine(choice: Engine) -> Engine:
-    """The engine `auto` stands for here (availability is checked by `_engine`)."""
-    if choice is not Engine.AUTO:
-        return choice
-    return Engine.TRANSFORMERS if importlib.util.find_spec("transformers") is not None else Engine.NATIVE
-
-
-def _engine(choice: Engine, exp: Checkpoint) -> Engine:
-    has_hf = importlib.util.find_spec("transformers") is not None
-    choice = _planned_engine(choice)
-    if choice is Engine.TRANSFORMERS and not has_hf:
-        raise InputError(
-            "--engine transformers needs the transformers package",
-            hint="pip install 'llamapro-cli[hf]', or use --engine native",
-        )
-    if choice is Engine.NATIVE:
-        from llamapro_cli.verify.spec import SUPPORTED_FAMILIES
-
-        if exp.family.name not in SUPPORTED_FAMILIES:
-            raise UnsupportedError(
-                f"the native engine does not support {exp.family.name} models",
-                hint="use --engine transformers (pip install 'llamapro-cli[hf]')",
-            )
-    return choice
-
-
-def _device(choice: Device) -> str:
-    import torch
-
-    if choice is Device.AUTO:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice is Device.CUDA and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here", hint="use --device cpu")
-    return choice.value
-
-
-def auto_dtype(exp: Checkpoint) -> str:
-    """The config's dtype when it names one we run, else the dtype holding most parameters."""
-    for config in (exp.family.sub_config(exp.config), exp.config):
-        for key in ("dtype", "torch_dtype"):
-            if config.get(key) in _FLOAT_DTYPES.values():
-                return str(config[key])
-    counts: Counter[str] = Counter()
-    for name in exp.weight_map:
-        info = exp.info(name)
-        if info.dtype in _FLOAT_DTYPES:
-            counts[_FLOAT_DTYPES[info.dtype]] += info.numel
-    if not counts:
-        raise InputError(f"{exp.root}: no float32/bfloat16/float16 weights to run", hint="pass --dtype")
-    return counts.most_common(1)[0][0]
 
 
 # --- the report -----------------------------------------------------------------------------------------
@@ -359,19 +310,6 @@ def _report(
         warnings=tuple(warnings),
         seconds=round(time.monotonic() - started, 3),
         peak_rss_bytes=peak_rss_bytes(),
-        peak_gpu_bytes=_peak_gpu(run.device if run else None),
+        peak_gpu_bytes=peak_gpu_bytes(run.device if run else None),
         serving=run.serving if run else None,
     )
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
-
-
-def _peak_gpu(device: str | None) -> int | None:
-    if device != "cuda":
-        return None
-    import torch
-
-    return int(torch.cuda.max_memory_allocated())

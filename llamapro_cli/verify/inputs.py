@@ -42,16 +42,14 @@ def make_inputs(
     warnings: list[str],
 ) -> Inputs:
     """Seeded random ids (or the prompt's); the last `decode_steps` of them are decoded one at a time."""
-    import torch
 
     window = max(active_window(base), active_window(expanded))
     limit, why = length_limit(expanded, device, decode_steps)
     if prompt is not None:
         ids, kind = tokenize(expanded, base, prompt), "prompt"
     else:
-        length = tokens if tokens is not None else max(DEFAULT_TOKENS, window + 1 + decode_steps)
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab_size(expanded), (1, min(length, limit)), generator=gen)
+        length = tokens if tokens is not None else default_length(window, decode_steps)
+        ids = random_ids(vocab_size(expanded), min(length, limit), seed)
         kind = "random token ids"
         if length > limit:
             warnings.append(f"sequence capped at {limit} tokens (asked for {length}): {why}")
@@ -66,6 +64,19 @@ def make_inputs(
             "attention past the window is not exercised"
         )
     return Inputs(ids=ids, kind=kind, prefill=prefill, decode_steps=steps)
+
+
+def default_length(window: int, decode_steps: int) -> int:
+    """The default sequence: `DEFAULT_TOKENS`, or longer so the prefill passes the active window."""
+    return max(DEFAULT_TOKENS, window + 1 + decode_steps)
+
+
+def random_ids(vocab: int, length: int, seed: int) -> torch.Tensor:
+    """`length` seeded token ids in [0, vocab), shape (1, length): the same ids for the same seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, length), generator=gen)
 
 
 def active_window(ckpt: Checkpoint) -> int:
@@ -105,25 +116,39 @@ def vocab_size(ckpt: Checkpoint) -> int:
     raise InputError(f"{ckpt.root / 'config.json'}: no vocab_size", hint="use --prompt instead")
 
 
+def has_tokenizer(ckpt: Checkpoint) -> bool:
+    return any((ckpt.root / f).is_file() for f in TOKENIZER_FILES)
+
+
 def tokenizer_checkpoint(expanded: Checkpoint, base: Checkpoint) -> Checkpoint | None:
     """Whose tokenizer `--prompt` goes through: the expanded checkpoint's, else the base's."""
-    return next((c for c in (expanded, base) if any((c.root / f).is_file() for f in TOKENIZER_FILES)), None)
+    return next((c for c in (expanded, base) if has_tokenizer(c)), None)
 
 
 def tokenize(expanded: Checkpoint, base: Checkpoint, prompt: str) -> torch.Tensor:
-    """The prompt through the expanded checkpoint's tokenizer (else the base's): ids of shape (1, n).
-
-    transformers is told `trust_remote_code=False` and cannot read stdin, and a tokenizer that only the
-    checkpoint's own code could build is refused first (`hf_engine.refuse_remote_code`)."""
+    """The prompt through the expanded checkpoint's tokenizer (else the base's): ids of shape (1, n)."""
     source = tokenizer_checkpoint(expanded, base)
     if source is None:
         raise InputError(
             f"{expanded.root}: no tokenizer files, so --prompt cannot be tokenized",
             hint="use --tokens N (seeded random token ids) instead",
         )
+    ids = tokenize_with(source, prompt, "--prompt")
+    if ids.shape[1] == 0:
+        raise UsageError("--prompt gives no tokens", hint="use a longer prompt")
+    if int(ids.max()) >= vocab_size(expanded):
+        raise InputError(f"{source.root}: the tokenizer gives ids beyond the model's vocabulary")
+    return ids
+
+
+def tokenize_with(source: Checkpoint, text: str, option: str) -> torch.Tensor:
+    """`text` through `source`'s tokenizer, special tokens as the tokenizer adds them: ids (1, n).
+
+    transformers is told `trust_remote_code=False` and cannot read stdin, and a tokenizer that only the
+    checkpoint's own code could build is refused first (`hf_engine.refuse_remote_code`)."""
     if importlib.util.find_spec("transformers") is None:
         raise InputError(
-            "--prompt needs the transformers package for the tokenizer",
+            f"{option} needs the transformers package for the tokenizer",
             hint="pip install 'llamapro-cli[hf]', or use --tokens N",
         )
     from transformers import AutoTokenizer
@@ -134,13 +159,9 @@ def tokenize(expanded: Checkpoint, base: Checkpoint, prompt: str) -> torch.Tenso
     try:
         with sealed():
             tokenizer = AutoTokenizer.from_pretrained(source.root, trust_remote_code=False)
-        ids: torch.Tensor = tokenizer(prompt, return_tensors="pt")["input_ids"].long()
+        ids: torch.Tensor = tokenizer(text, return_tensors="pt")["input_ids"].long()
     except (OSError, ValueError, KeyError) as e:
         raise InputError(
             f"{source.root}: cannot use the tokenizer: {e}", hint="use --tokens N instead"
         ) from e
-    if ids.shape[1] == 0:
-        raise UsageError("--prompt gives no tokens", hint="use a longer prompt")
-    if int(ids.max()) >= vocab_size(expanded):
-        raise InputError(f"{source.root}: the tokenizer gives ids beyond the model's vocabulary")
     return ids

@@ -23,7 +23,7 @@ This module imports torch at import time: import it lazily, inside functions tha
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -231,11 +231,21 @@ def as_batch(input_ids: torch.Tensor) -> torch.Tensor:
     return ids.long().cpu()
 
 
-def forward(model: Model, ids: torch.Tensor, start: int, keep: int) -> torch.Tensor:
+def hidden(
+    model: Model, ids: torch.Tensor, start: int, keep: int, tick: Callable[[], None] | None = None
+) -> torch.Tensor:
+    """The last layer's output for `ids` from absolute position `start` (before the final norm and head);
+    `tick()` after each block."""
     step, h = model.step(start, ids.shape[1], keep), model.embed(ids)
     for j in range(model.ckpt.num_layers):
         h = model.block(j, h, step)
-    return torch.cat([chunk for _, chunk in model.logits(h)], dim=1)
+        if tick is not None:
+            tick()
+    return h
+
+
+def forward(model: Model, ids: torch.Tensor, start: int, keep: int) -> torch.Tensor:
+    return torch.cat([chunk for _, chunk in model.logits(hidden(model, ids, start, keep))], dim=1)
 
 
 @torch.inference_mode()

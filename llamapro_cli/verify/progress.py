@@ -33,6 +33,12 @@ class Phase(StrEnum):
     LOAD_EXPANDED = "loading the expansion"
     RUN_EXPANDED = "expansion forward, cached decoding and greedy tokens"
     LOCKSTEP = "native lockstep: forward and cached decoding"
+    # compare: A's logits, then B's beside them (transformers); both block by block (native)
+    LOAD_A = "loading A"
+    RUN_A = "A forward"
+    LOAD_B = "loading B"
+    RUN_B = "B forward"
+    STREAM = "native: A then B, block by block"
 
 
 PhaseProgress = Callable[[Phase, int, int], None]  # (phase, done, total within the phase)
