@@ -94,8 +94,8 @@ def _write_field(
     if fld.required and plan.kind is PlanKind.LAYERS:
         raise UsageError(
             f"this layer map cannot be expressed for {family.name}: {fld.key} needs the layers below a "
-            f"threshold to stay a prefix, and output layers {_prefix_breakers(values)} come after one "
-            "that is not below it",
+            f"threshold to stay a prefix, and the map puts {_prefix_breakers(values)} after a layer that "
+            "is not below it",
             hint=f"keep the layers below {fld.key} together at the start of the map",
         )
     if fld.required:
@@ -138,7 +138,8 @@ def _check_virtual(
 def _prefix_breakers(values: list[Any]) -> str:
     """The output layers that are "below" the threshold but come after one that is not."""
     first_off = next((j for j, member in enumerate(values) if not member), len(values))
-    return short_list([j for j in range(first_off, len(values)) if values[j]])
+    late = [j for j in range(first_off, len(values)) if values[j]]
+    return f"output layer{'s' if len(late) > 1 else ''} {short_list(late)}"
 
 
 def _period(values: Sequence[Any]) -> int:
