@@ -299,9 +299,10 @@ def test_output_rules_are_expands(demo: Path, tmp_path: Path) -> None:
 def test_expand_accepts_a_spec_only_when_it_is_an_identity_map(demo: Path, tmp_path: Path) -> None:
     result = run("expand", "--in", demo, "--out", tmp_path / "ok", "--layers", "0-1,1z,2-3")
     assert result.exit_code == 0, result.stderr
-    assert tensors(tmp_path / "ok") == tensors(
-        expand(demo, tmp_path / "after", after=[1]).out and tmp_path / "after"
-    )
+    expand(demo, tmp_path / "after", after=[1])
+    assert tensors(tmp_path / "ok") == tensors(tmp_path / "after")
+    record = json.loads((tmp_path / "ok" / "llamapro.json").read_text())
+    assert record["plan"] == {"kind": "layers", "spec": "0-1,1z,2-3"}
     for spec, needle in [("0-2,1-3", "it repeats layers 1, 2 unzeroed"), ("0-3", "adds no layer")]:
         result = run("expand", "--in", demo, "--out", tmp_path / "no", "--layers", spec)
         assert result.exit_code == 2 and needle in result.stderr, result.stderr
