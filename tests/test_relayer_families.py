@@ -12,6 +12,7 @@ oracle; maps a family's config cannot express are refused (exit 2) before anythi
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,3 +165,73 @@ def test_index_dependent_families_are_refused(tiny_model: TinyModel, tmp_path: P
     )
     assert result.exit_code == 3, result.stderr
     assert "scale_attn_by_inverse_layer_idx" in result.stderr and not (tmp_path / "out").exists()
+
+
+def _tensors(path: Path) -> dict[str, bytes]:
+    ckpt = Checkpoint.open(path)
+    return {name: ckpt.read_bytes(name) for name in ckpt.tensor_names()}
+
+
+# (family, variant, expand options, the config keys the expansion had to write explicitly). A config that
+# lists its per-layer fields (what transformers saves) comes back value for value; one that left them to
+# a formula gets them back as explicit lists with the same values (the base's bytes are not recorded).
+UNDO = [
+    ("llama", "sharded", {"every": 2}, set()),  # several input shards
+    ("qwen2", "sliding", {"every": 2}, set()),
+    ("gemma2", "default", {"every": 2}, set()),
+    ("deepseek_v3", "default", {"after": [1, 4]}, set()),
+    ("jamba", "default", {"every": 2, "copies": 2}, set()),  # whole periods only
+    ("gemma2", "legacy", {"every": 2}, {"layer_types"}),
+    ("qwen2_moe", "default", {"every": 2}, {"decoder_sparse_step", "mlp_only_layers"}),
+    ("nemotron_h", "legacy", {"every": 3}, {"layers_block_type"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "variant", "plan", "explicit"),
+    [pytest.param(*case, id=f"{case[0]}-{case[1]}") for case in UNDO],
+)
+def test_drop_new_undoes_an_expansion_byte_for_byte(
+    tiny_model: TinyModel,
+    tmp_path: Path,
+    family: str,
+    variant: str,
+    plan: dict[str, object],
+    explicit: set[str],
+) -> None:
+    from llamapro_cli.expand import expand
+
+    base = tiny_model(family, variant)
+    expand(base, tmp_path / "pro", max_shard_size="100KB", **plan)  # type: ignore[arg-type]
+    relayer(tmp_path / "pro", tmp_path / "undo", drop_new=True)
+    assert _tensors(tmp_path / "undo") == _tensors(base)
+    old = json.loads((base / "config.json").read_text())
+    new = json.loads((tmp_path / "undo" / "config.json").read_text())
+    assert {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)} == explicit
+    fam = family_for(old)
+    assert layer_kinds(fam, new) == layer_kinds(fam, old)
+
+
+def test_mtp_layers_move_to_just_after_the_new_last_layer(tiny_model: TinyModel, tmp_path: Path) -> None:
+    """DeepSeek-V3's multi-token-prediction layer sits at index L: after a map of L' layers it is at L'
+    (for a drop as for a repeat), and the blocks' own tensors do not pick it up."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("deepseek_v3"), base)
+    state = load_file(base / "model.safetensors")
+    mtp = {
+        "model.layers.6.eh_proj.weight": torch.randn(64, 128),
+        "model.layers.6.enorm.weight": torch.rand(64),
+    }
+    save_file({**state, **mtp}, base / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    for spec, n in (("0-3,5", 5), ("0-5,2-5", 10)):
+        out = tmp_path / spec
+        report = relayer(base, out, layers=spec)
+        assert any("multi-token-prediction" in w for w in report.warnings)
+        got = load_file(out / "model.safetensors")
+        assert torch.equal(got[f"model.layers.{n}.eh_proj.weight"], mtp["model.layers.6.eh_proj.weight"])
+        assert not any(k.startswith(f"model.layers.{n + 1}.") for k in got)
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == n
