@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -127,8 +128,9 @@ def render_relayer(report: ExpandReport, *, quiet: bool = False) -> None:
     """The map (compact SPEC, dropped and repeated layers) and what was (or would be) written."""
     verb = "would write" if report.dry_run else "wrote"
     kept = [x.source for x in report.layers if not x.identity]
-    dropped = [i for i in range(report.num_layers_in) if i not in set(kept)]
-    repeated = sorted({i for i in kept if kept.count(i) > 1})
+    counts = Counter(kept)
+    dropped = [i for i in range(report.num_layers_in) if i not in counts]
+    repeated = sorted(i for i, n in counts.items() if n > 1)
     zeroed = [x.index for x in report.layers if x.identity]
     rows = [
         ("input", f"{report.source} ({report.architecture}, {report.num_layers_in} layers)"),
