@@ -67,6 +67,13 @@ def expand(
         Placement,
         choice(Placement, "--placement", help="With --add: interleave (paper), top, or bottom (warned)."),
     ] = Placement.INTERLEAVE,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SPEC",
+            help="The whole layout as a layer map (0-3,3z,4-7: z marks a copy); identity maps only.",
+        ),
+    ] = None,
     revision: RevisionOpt = None,
     max_shard_size: Annotated[
         str,
@@ -123,6 +130,7 @@ def expand(
             after=parse_after(after) if after is not None else None,
             add=add,
             placement=placement,
+            layers=layers,
             revision=revision,
             max_shard_size=max_shard_size,
             digests=digests,
@@ -197,7 +205,7 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         ("free space", "unknown" if report.free_space is None else human_bytes(report.free_space)),
     ]
     if not report.dry_run:
-        rows.append(("engine", _engines(report.shards)))
+        rows.append(("engine", engines_text(report.shards)))
         rows.append(("time", f"{report.seconds:.1f} s"))
     console.print_rows(rows)
     if report.dry_run:
@@ -216,7 +224,7 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         console.note(f"next: llamapro verify-identity --out {report.out}")
 
 
-def _engines(shards: Sequence[ShardSummary]) -> str:
+def engines_text(shards: Sequence[ShardSummary]) -> str:
     """Which engine wrote the shards: "clone", or "direct (3 shards), buffered (1 shard)"."""
     counts = Counter(shard.engine for shard in shards)
     if len(counts) == 1:
