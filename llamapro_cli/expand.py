@@ -1,77 +1,27 @@
-"""Execute an expansion plan: byte surgery from input shards into a new, complete model folder.
+"""`expand()`: LLaMA Pro block expansion, from options to a plan to a new, complete model folder.
 
-Every output tensor is either a byte range of an input shard (an original layer, a copied layer, a
-non-block tensor) or zeros (the branch-final tensors of an identity copy). Nothing is decoded, so any
-dtype works and memory stays at the size of the headers. The output is written into a temporary
-sibling folder `<out>.partial-<random>` (with a marker naming the pid) and renamed into place only when
-complete; any error, SIGINT, SIGTERM or SIGHUP removes it. Each source shard is opened once per run
-(`io.sources`): a shard replaced or rewritten while the run reads it stops the run (exit 3).
+Owns turning `expand`'s options (`--every` / `--after` / `--add`, or `--layers` with an identity map)
+into a plan; `surgery.execute` does the rest (the one execution path `relayer` shares: byte surgery,
+config, provenance, card, carry-over, atomic output).
 
-Invariant: the input is only ever opened read-only; the output either appears complete or not at all.
+Invariant: every plan `expand` executes is an identity map (each original layer once, in order, plus
+zeroed copies), so the output computes exactly what the input did.
 Must not: print, import torch or transformers.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from llamapro_cli.architectures.registry import renumber_extra
-from llamapro_cli.architectures.rewrite import rewrite_config
-from llamapro_cli.card import CardFacts, read_card_source, write_model_card
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.companions import carried_size, carry, companions
-from llamapro_cli.errors import InputError
-from llamapro_cli.folder import within_checkpoint
-from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
-from llamapro_cli.io.header import OutTensor, header_bytes
-from llamapro_cli.io.outdir import atomic_output, check_disjoint, free_space
-from llamapro_cli.io.sources import SourceFiles
-from llamapro_cli.io.writer import space_needed, write_shard
-from llamapro_cli.plan import ExpansionPlan, NewLayer, Placement, plan_expansion
-from llamapro_cli.provenance import ALGORITHM, SCHEMA_VERSION, Digests, PlanRecord, Provenance, SourceRecord
-from llamapro_cli.shards import (
-    Shards,
-    ShardSummary,
-    parse_size,
-    sha256_json,
-    split_shards,
-    write_index,
-    write_json,
-)
-from llamapro_cli.version import __version__
+from llamapro_cli.errors import UsageError
+from llamapro_cli.layer_map import identity_problem, parse_spec
+from llamapro_cli.plan import ExpansionPlan, Placement, plan_expansion, plan_map, shown
+from llamapro_cli.surgery import ExpandReport, Progress, execute, open_source
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-
-@dataclass(frozen=True)
-class ExpandReport:
-    """What `expand` did (or, with dry_run, would do). `--json` prints exactly this."""
-
-    source: str
-    out: str
-    dry_run: bool
-    architecture: str
-    num_layers_in: int
-    num_layers_out: int
-    plan: dict[str, Any]
-    layers: tuple[NewLayer, ...]
-    shards: tuple[ShardSummary, ...]
-    total_size: int
-    bytes_to_write: int
-    zeroed: int
-    parameters_in: int
-    parameters_out: int
-    carried: tuple[str, ...]
-    not_copied: tuple[str, ...]
-    warnings: tuple[str, ...]
-    free_space: int | None  # None: the filesystem reports no capacity (ramfs), so it is unknown
-    digests: bool
-    seconds: float
+__all__ = ["ExpandReport", "Progress", "expand"]
 
 
 def expand(
@@ -83,6 +33,7 @@ def expand(
     after: Sequence[int] | None = None,
     add: int | None = None,
     placement: Placement | str = Placement.INTERLEAVE,
+    layers: str | None = None,
     revision: str | None = None,
     max_shard_size: str | int = "5GB",
     digests: bool = False,
@@ -94,261 +45,51 @@ def expand(
 ) -> ExpandReport:
     """Expand a checkpoint folder (or hub repo id) into `out`; see design.md §3 for the plan semantics.
 
+    `layers`: a `relayer` SPEC (`0-3,3z,4-7`) accepted only when it is an identity map that adds a copy.
     `hub_repo_id`: the repo the output will be pushed to, so the model card's commands name it.
     """
     started = time.monotonic()
-    out_path = Path(out).expanduser().absolute()
-    local = None if isinstance(source, Checkpoint) else Path(source).expanduser()
-    if local is not None and local.is_dir():
-        check_disjoint(local, out_path)  # before a byte is read: no input file may lead into --out
-    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, revision=revision)
-    plan = plan_expansion(
-        ckpt.num_layers, every=every, copies=copies, after=after, add=add, placement=placement
-    )
-    check_disjoint(ckpt.root, out_path)  # the folder a repo id resolved to, too (hub cache links)
-    job = _prepare(ckpt, plan, out_path, parse_size(max_shard_size), command)
-    notes: list[str] = []  # leftovers of killed runs found beside --out (outdir's sweep)
-    engines: dict[str, str] = {}  # shard name -> the engine that wrote it
-    if not dry_run:
-        # On a filesystem that shares extents, only what the clone engine writes needs free space.
-        need = space_needed([ts for _, ts in job.shards], job.metadata(), out_path.parent)
-        need += carried_size(job.ckpt.root, job.carried)
-        with atomic_output(out_path, force=force, need_bytes=need, notes=notes.append) as tmp:
-            engines = _write(job, tmp, digests=digests, progress=progress)
-            write_model_card(tmp / "README.md", _card_facts(job, digests=digests, hub_repo_id=hub_repo_id))
-    seconds = time.monotonic() - started
-    report = job.report(dry_run=dry_run, digests=digests and not dry_run, seconds=seconds, engines=engines)
-    return replace(report, warnings=report.warnings + tuple(notes)) if notes else report
-
-
-@dataclass(frozen=True)
-class _Job:
-    """Everything decided before the first byte is written."""
-
-    ckpt: Checkpoint
-    plan: ExpansionPlan
-    out: Path
-    config: dict[str, Any]
-    shards: Shards
-    zeroed: tuple[str, ...]
-    carried: tuple[str, ...]
-    not_copied: tuple[str, ...]
-    warnings: tuple[str, ...]
-    command: str | None
-    card_source: str | None  # the input's README.md text, when it is merged into the model card
-
-    @property
-    def bytes_to_write(self) -> int:
-        return sum(t.nbytes for _, tensors in self.shards for t in tensors if t.source is not None)
-
-    def metadata(self) -> dict[str, str]:
-        return job_metadata(self.ckpt, self.plan)
-
-    def report(
-        self, *, dry_run: bool, digests: bool, seconds: float, engines: dict[str, str]
-    ) -> ExpandReport:
-        meta = self.metadata()
-        shard_reports = tuple(
-            ShardSummary(
-                name,
-                len(ts),
-                len(header_bytes(ts, meta, None)) + sum(t.nbytes for t in ts),
-                engines.get(name),
+    ckpt, out_path = open_source(source, out, revision)
+    if layers is None:
+        plan = plan_expansion(
+            ckpt.num_layers, every=every, copies=copies, after=after, add=add, placement=placement
+        )
+    else:
+        others = (("--every", every), ("--copies", copies), ("--after", after), ("--add", add))
+        given = [name for name, value in others if value is not None]
+        if given or placement != Placement.INTERLEAVE:
+            raise UsageError(
+                f"--layers and {given[0] if given else '--placement'} conflict",
+                hint="--layers alone gives the whole layer map, e.g. --layers 0-3,3z,4-7",
             )
-            for name, ts in self.shards
-        )
-        return ExpandReport(
-            source=self.ckpt.repo_id or str(self.ckpt.root),
-            out=str(self.out),
-            dry_run=dry_run,
-            architecture=self.ckpt.family.name,
-            num_layers_in=self.plan.num_layers_in,
-            num_layers_out=self.plan.num_layers_out,
-            plan=self.plan.to_record(),
-            layers=self.plan.layers,
-            shards=shard_reports,
-            total_size=sum(s.bytes for s in shard_reports),
-            bytes_to_write=self.bytes_to_write,
-            zeroed=len(self.zeroed),
-            parameters_in=self.ckpt.parameter_count(),
-            parameters_out=sum(_numel(t.shape) for _, ts in self.shards for t in ts),
-            carried=self.carried,
-            not_copied=self.not_copied,
-            warnings=self.warnings,
-            free_space=free_space(self.out),
-            digests=digests,
-            seconds=round(seconds, 3),
-        )
-
-
-def job_metadata(ckpt: Checkpoint, plan: ExpansionPlan) -> dict[str, str]:
-    """Each output shard's `__metadata__`: the source's string entries plus our few keys."""
-    first = next(iter(ckpt.headers.values()))
-    meta = {k: v for k, v in first.metadata.items() if not k.startswith("llamapro")}
-    meta.setdefault("format", "pt")  # transformers 4 refuses shards without it
-    meta["llamapro_version"] = __version__
-    meta["llamapro_layers"] = f"{plan.num_layers_in}->{plan.num_layers_out}"
-    meta["llamapro_provenance_sha256"] = "0" * 64  # placeholder of the real length, set in _write
-    return meta
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _card_facts(job: _Job, *, digests: bool, hub_repo_id: str | None) -> CardFacts:
-    ckpt = job.ckpt
-    return CardFacts(
-        name=hub_repo_id.split("/")[-1] if hub_repo_id else job.out.name,
-        model_ref=hub_repo_id or f"./{job.out.name}",
-        source=ckpt.repo_id or str(ckpt.root),
-        base_model=ckpt.repo_id,
-        revision=ckpt.revision,
-        architecture=ckpt.family.name,
-        command=job.command,
-        plan=job.plan,
-        parameters_in=ckpt.parameter_count(),
-        parameters_out=sum(_numel(t.shape) for _, ts in job.shards for t in ts),
+        plan = identity_plan(ckpt.num_layers, layers)
+    return execute(
+        ckpt,
+        plan,
+        out_path,
+        started=started,
+        max_shard_size=max_shard_size,
         digests=digests,
-        original=job.card_source,
-    )
-
-
-def _prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, command: str | None) -> _Job:
-    config, config_warnings = rewrite_config(ckpt.family, ckpt.config, plan)
-    tensors, zeroed = _tensor_ops(ckpt, plan)
-    shards = split_shards(tensors, max_shard)
-    found = companions(ckpt.root)
-    readme = ckpt.root / "README.md"
-    inside = readme.is_file() and within_checkpoint(ckpt.root, readme)
-    card_source, card_warnings = read_card_source(readme) if inside else (None, [])
-    _check_headers(shards, job_metadata(ckpt, plan), out)
-    return _Job(
-        ckpt=ckpt,
-        plan=plan,
-        out=out,
-        config=config,
-        shards=shards,
-        zeroed=tuple(zeroed),
-        carried=found.carried,
-        not_copied=found.not_copied,
-        warnings=plan.warnings + tuple(config_warnings) + found.warnings + tuple(card_warnings),
+        dry_run=dry_run,
+        force=force,
+        progress=progress,
         command=command,
-        card_source=card_source,
+        hub_repo_id=hub_repo_id,
     )
 
 
-def _check_headers(
-    shards: tuple[tuple[str, tuple[OutTensor, ...]], ...], meta: dict[str, str], out: Path
-) -> None:
-    """Every output header within the safetensors size cap, before a byte is written (and in a dry run)."""
-    for name, tensors in shards:
-        try:
-            header_bytes(tensors, meta, None)
-        except InputError as e:
-            raise InputError(f"{out / name}: {e.message}", hint=e.hint) from e
-
-
-def _tensor_ops(ckpt: Checkpoint, plan: ExpansionPlan) -> tuple[list[OutTensor], list[str]]:
-    """Output tensors in layer order: leading non-block tensors, blocks 0..n-1, trailing ones."""
-    blocks, other = ckpt.split_blocks()
-    order = {name: i for i, name in enumerate(ckpt.tensor_names())}
-    non_block = set(other)
-    first_block = min((i for name, i in order.items() if name not in non_block), default=0)
-    lead = [n for n in other if order[n] < first_block]
-    tail = [n for n in other if order[n] >= first_block]
-    n_in, n_out = plan.num_layers_in, plan.num_layers_out
-    # MTP layers past the blocks move up with them (renumber_extra leaves every other name alone).
-    out: list[OutTensor] = [_copy(ckpt, n, renumber_extra(ckpt.family, n, n_in, n_out)) for n in lead]
-    zeroed: list[str] = []
-    prefix = ckpt.family.layer_prefix
-    for layer in plan.layers:
-        for rel in blocks[layer.source]:
-            dst = f"{prefix}{layer.index}.{rel}"
-            if layer.identity and ckpt.family.is_zeroed(rel):
-                info = ckpt.info(f"{prefix}{layer.source}.{rel}")
-                out.append(OutTensor(dst, info.dtype, info.shape))
-                zeroed.append(dst)
-            else:
-                out.append(_copy(ckpt, f"{prefix}{layer.source}.{rel}", dst))
-    out.extend(_copy(ckpt, n, renumber_extra(ckpt.family, n, n_in, n_out)) for n in tail)
-    return out, zeroed
-
-
-def _copy(ckpt: Checkpoint, src: str, dst: str) -> OutTensor:
-    info = ckpt.info(src)
-    path, offset = ckpt.location(src)
-    return OutTensor(dst, info.dtype, info.shape, source=path, offset=offset)
-
-
-def _write(job: _Job, tmp: Path, *, digests: bool, progress: Progress | None) -> dict[str, str]:
-    total = job.bytes_to_write + sum(t.nbytes for _, ts in job.shards for t in ts if t.source is None)
-    done = 0
-
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
-    meta = job.metadata()
-    record = _provenance(job)
-    meta["llamapro_provenance_sha256"] = sha256_json(record.to_json())
-    hashes: dict[str, str] = {}
-    engines: dict[str, str] = {}
-    known: dict[tuple[Path, int, int], str] = {}  # each source range is hashed once, for every shard
-    stamps = {h.path: h.stamp for h in job.ckpt.headers.values() if h.stamp is not None}
-    with SourceFiles(stamps) as sources:
-        sources.open_all()  # each source once per run: the very files whose headers were read
-        for name, tensors in job.shards:
-            # align=None: header padded so that copied bytes keep their source's block phase (cloned,
-            # or read straight into place by the direct-I/O engine).
-            written = write_shard(
-                tmp / name,
-                tensors,
-                meta,
-                digests=digests,
-                progress=step,
-                align=None,
-                known=known,
-                sources=sources,
-            )
-            hashes.update(written.digests)
-            engines[name] = written.engine.value
-            sources.verify()  # a source changed during this shard: stop before anything is published
-    if len(job.shards) > 1:
-        write_index(tmp / INDEX_NAME, job.shards)
-    write_json(tmp / "config.json", job.config)
-    if digests:
-        record = replace(record, digests=Digests(ALGORITHM, hashes))
-    write_json(tmp / PROVENANCE_NAME, record.to_json())
-    for name in job.carried:
-        carry(job.ckpt.root, job.ckpt.root / name, tmp / name)
-    return engines
-
-
-def _provenance(job: _Job) -> Provenance:
-    ckpt, plan = job.ckpt, job.plan
-    return Provenance(
-        schema_version=SCHEMA_VERSION,
-        tool=f"llamapro {__version__}",
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        command=job.command,
-        source=SourceRecord(
-            path=None if ckpt.repo_id else str(ckpt.root),
-            repo_id=ckpt.repo_id,
-            revision=ckpt.revision,
-            config_sha256=ckpt.config_sha256,
-            architecture=ckpt.family.name,
-            num_layers=ckpt.num_layers,
-        ),
-        plan=PlanRecord.of(plan),
-        layer_prefix=ckpt.family.layer_prefix,
-        num_layers=plan.num_layers_out,
-        layers=plan.layers,
-        zeroed=job.zeroed,
-        parent=ckpt.provenance,
-    )
+def identity_plan(num_layers: int, spec: str) -> ExpansionPlan:
+    """`expand --layers SPEC`: the map, when it is an identity map with at least one zeroed copy."""
+    entries = parse_spec(spec, num_layers)
+    problem = identity_problem(entries, num_layers)
+    if problem:
+        raise UsageError(
+            f"--layers {shown(spec)} is not an identity map ({problem}), so expand cannot write it",
+            hint="llamapro relayer --in IN --out OUT --layers SPEC drops, repeats or reorders layers",
+        )
+    if not any(zeroed for _, zeroed in entries):
+        raise UsageError(
+            f"--layers {shown(spec)} adds no layer",
+            hint="mark the copies with z, e.g. --layers 0-3,3z,4-7 adds a zeroed copy of layer 3",
+        )
+    return plan_map(num_layers, entries)

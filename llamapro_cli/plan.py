@@ -1,20 +1,19 @@
-"""The expansion plan: which layer of the expanded model comes from which original layer.
+"""The layer plan: which layer of the output model comes from which source layer.
 
-Owns `ExpansionPlan` (one canonical list: for every new index j, its source index and whether it is an
-identity copy), `plan_expansion()` (the `--every` / `--after` / `--add` options turned into that list) and
-`parse_after()`, and its inverse `plan_options()` (the options that reproduce a plan).
+Owns `ExpansionPlan` (one canonical list: for every new index j, its source index and whether it is a
+zeroed identity copy), `plan_expansion()` (`--every` / `--after` / `--add` turned into that list),
+`plan_map()` (a `relayer` layer map) and `plan_options()` (the options that reproduce a plan).
 
-Invariant: an `ExpansionPlan` can only exist in a valid layout — indices 0..n-1 in order, every original
-layer 0..L-1 exactly once and in increasing order, every identity copy's source an original layer placed
-before it. Consumers (expand, verify-identity, freeze-map, verify-frozen) read the layers, nothing else.
-
+Invariant: a plan can only exist in a valid layout: indices 0..n-1 in order; for every/after/add, every
+original layer exactly once and in order, each copy's source an original placed before it (an identity
+map); for `layers`, any sources of the input, repeated, dropped or reordered (`is_identity_map` says
+whether it is one). Consumers (expand, relayer, verify-identity, freeze-map) read the layers only.
 Must not: touch the filesystem, import torch, or know about model families (whether a family's config
-can express a plan is checked in `architectures.py`, on the plan this module returns).
+can express a plan is checked in `architectures/`, on the plan this module returns).
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,10 @@ from enum import StrEnum
 from typing import Any
 
 from llamapro_cli.errors import UsageError
+from llamapro_cli.layer_map import Entry, format_spec
+from llamapro_cli.option_text import parse_after as parse_after  # re-exported: the plan's option texts
+from llamapro_cli.option_text import parse_int as parse_int
+from llamapro_cli.option_text import shown as shown
 
 
 class Placement(StrEnum):
@@ -38,6 +41,7 @@ class PlanKind(StrEnum):
     EVERY = "every"
     AFTER = "after"
     ADD = "add"
+    LAYERS = "layers"  # any layer map (`relayer`): layers may repeat, drop or reorder the source's
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,22 @@ class ExpansionPlan:
     warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_layout(self.num_layers_in, self.layers)
+        if self.kind is PlanKind.LAYERS:
+            _check_map(self.num_layers_in, self.layers)
+        else:
+            _check_layout(self.num_layers_in, self.layers)
+
+    @property
+    def is_identity_map(self) -> bool:
+        """Every source layer once, in order, as itself; the rest zeroed copies (true of every/after/add
+        plans): the output computes what the source does. Consumers that assume it must check it."""
+        kept = [layer.source for layer in self.layers if not layer.identity]
+        return kept == list(range(self.num_layers_in))
+
+    @property
+    def spec(self) -> str:
+        """The canonical `--layers` SPEC of this plan (`0-3,3z,4-7`), whatever its kind."""
+        return format_spec((layer.source, layer.identity) for layer in self.layers)
 
     @property
     def num_layers_out(self) -> int:
@@ -82,6 +101,8 @@ class ExpansionPlan:
 
     def to_record(self) -> dict[str, Any]:
         """The `"plan"` object of llamapro.json (JSON types only: enum values, lists, None where unused)."""
+        if self.kind is PlanKind.LAYERS:
+            return {"kind": self.kind.value, "spec": self.spec}
         return {
             "kind": self.kind.value,
             "every": self.every,
@@ -103,6 +124,7 @@ class ExpansionPlan:
         after: Sequence[int] | None = None,
         add: int | None = None,
         placement: Placement | str | None = None,
+        spec: str | None = None,
         warnings: Sequence[str] = (),
     ) -> ExpansionPlan:
         """Rebuild a plan from llamapro.json: `from_layers(L, rec["layers"], **rec["plan"])`.
@@ -123,7 +145,7 @@ class ExpansionPlan:
                 raise ValueError(f"plan: {name} must be an integer or null, got {value!r}")
         if after is not None and (isinstance(after, str) or not all(_is_int(i) for i in after)):
             raise ValueError(f"plan: after must be a list of integers or null, got {after!r}")
-        return cls(
+        plan = cls(
             kind=plan_kind,
             num_layers_in=num_layers_in,
             layers=tuple(_to_new_layer(pos, item) for pos, item in enumerate(layers)),
@@ -134,6 +156,9 @@ class ExpansionPlan:
             placement=where,
             warnings=tuple(warnings),
         )
+        if spec is not None and spec != plan.spec:  # the layers are the truth; a spec must agree
+            raise ValueError(f"plan: spec {spec!r} does not match its layers ({plan.spec})")
+        return plan
 
 
 def _is_int(value: object) -> bool:
@@ -185,6 +210,23 @@ def _check_layout(num_layers: int, layers: tuple[NewLayer, ...]) -> None:
             next_original += 1
     if next_original != num_layers:
         raise ValueError(f"layers list {next_original} original layers, expected {num_layers}")
+
+
+def _check_map(num_layers: int, layers: tuple[NewLayer, ...]) -> None:
+    """Raise ValueError unless `layers` (indices 0..n-1, n >= 1) take sources among `num_layers` layers."""
+    if num_layers < 1 or not layers:
+        raise ValueError(f"a layer map needs source and output layers, got {num_layers} -> {len(layers)}")
+    for pos, layer in enumerate(layers):
+        if not isinstance(layer, NewLayer) or layer.index != pos:
+            raise ValueError(f"layers[{pos}] is not layer {pos} of the map; indices must be 0..n-1 in order")
+        if not 0 <= layer.source < num_layers:
+            raise ValueError(f"layers[{pos}] is source layer {layer.source}, outside 0..{num_layers - 1}")
+
+
+def plan_map(num_layers: int, entries: Sequence[Entry], warnings: Sequence[str] = ()) -> ExpansionPlan:
+    """A `layers` plan from (source, zeroed copy) entries in output order (`layer_map.parse_spec`)."""
+    layers = tuple(NewLayer(j, source, zeroed) for j, (source, zeroed) in enumerate(entries))
+    return ExpansionPlan(PlanKind.LAYERS, num_layers, layers, warnings=tuple(warnings))
 
 
 def _lay_out(num_layers: int, copies_after: Mapping[int, Sequence[int]]) -> tuple[NewLayer, ...]:
@@ -256,14 +298,8 @@ def _plan_add(num_layers: int, add: int, placement: Placement) -> ExpansionPlan:
             f"--placement bottom stacks all {add} new layers after layer {add - 1}; the paper found new "
             f"blocks at the bottom harmful (interleave works best)",
         )
-    return ExpansionPlan(
-        kind=PlanKind.ADD,
-        num_layers_in=num_layers,
-        layers=_lay_out(num_layers, copies_after),
-        add=add,
-        placement=placement,
-        warnings=warnings,
-    )
+    layers = _lay_out(num_layers, copies_after)
+    return ExpansionPlan(PlanKind.ADD, num_layers, layers, add=add, placement=placement, warnings=warnings)
 
 
 def _plan_after(num_layers: int, after: Sequence[int]) -> ExpansionPlan:
@@ -278,12 +314,8 @@ def _plan_after(num_layers: int, after: Sequence[int]) -> ExpansionPlan:
     counts = Counter(after)
     # A repeated index gets as many copies as it is repeated, all right after it.
     copies_after = {index: (index,) * n for index, n in counts.items()}
-    return ExpansionPlan(
-        kind=PlanKind.AFTER,
-        num_layers_in=num_layers,
-        layers=_lay_out(num_layers, copies_after),
-        after=tuple(sorted(after)),
-    )
+    layers = _lay_out(num_layers, copies_after)
+    return ExpansionPlan(PlanKind.AFTER, num_layers, layers, after=tuple(sorted(after)))
 
 
 def _as_placement(placement: Placement | str) -> Placement:
@@ -341,44 +373,9 @@ def plan_expansion(
     return plan
 
 
-# Digits only (a leading minus is allowed so `-1` is reported as out of range, not as junk); int() alone
-# would also accept "1_0" and non-ASCII digits.
-_INDEX = re.compile(r"-?[0-9]+")
-# Every number an option spells (a layer index, a count, a byte size) fits in 18 digits (< 2**63). Longer
-# text is refused before int() sees it: int() of thousands of digits is slow, then fails or overflows.
-MAX_DIGITS = 18
-
-
-def parse_int(text: str, *, option: str, what: str, hint: str) -> int:
-    """The one place an option's number is read from text (`--after`, `--max-shard-size`): ASCII digits
-    with an optional minus, at most `MAX_DIGITS` of them. Anything else is a `UsageError` (exit 2)."""
-    item = text.strip()
-    if not _INDEX.fullmatch(item):
-        raise UsageError(f"{option}: {shown(item)} is not {what}", hint=hint)
-    digits = len(item.lstrip("-"))
-    if digits > MAX_DIGITS:
-        message = f"{option}: a {digits}-digit number is out of range (at most {MAX_DIGITS} digits)"
-        raise UsageError(message, hint=hint)
-    return int(item)
-
-
-def shown(text: str, limit: int = 40) -> str:
-    """An option's value as an error message quotes it: repr, cut to `limit` characters."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
-
-
-def parse_after(text: str) -> tuple[int, ...]:
-    """`"3, 7,11"` -> `(3, 7, 11)`, in the given order (the plan sorts). UsageError on junk or nothing."""
-    items = [item.strip() for item in text.split(",")]
-    if items == [""]:
-        raise UsageError("--after needs at least one layer index", hint="e.g. --after 3,7,11")
-    hint = "give comma-separated 0-based layer indices, e.g. --after 3,7,11"
-    return tuple(parse_int(item, option="--after", what="a layer index", hint=hint) for item in items)
-
-
 def plan_options(plan: ExpansionPlan | Mapping[str, Any]) -> str:
-    """The shortest `expand` options that reproduce a plan, defaults left out: `--every 4`,
-    `--every 4 --copies 2`, `--after 3,7,7`, `--add 8`, `--add 8 --placement top`.
+    """The shortest `expand` (or `relayer`) options that reproduce a plan, defaults left out: `--every 4`,
+    `--every 4 --copies 2`, `--after 3,7,7`, `--add 8`, `--add 8 --placement top`, `--layers 0-23,8-31`.
 
     Takes the plan or its llamapro.json `"plan"` object (`to_record()`), so `inspect`, `expand`'s report
     and the model card say the same words about the same plan. A record's fields are read defensively:
@@ -386,6 +383,8 @@ def plan_options(plan: ExpansionPlan | Mapping[str, Any]) -> str:
     """
     record = plan.to_record() if isinstance(plan, ExpansionPlan) else plan
     kind = record.get("kind")
+    if kind == PlanKind.LAYERS:
+        return f"--layers {record.get('spec')}"
     if kind == PlanKind.EVERY:
         copies = record.get("copies")
         return f"--every {record.get('every')}" + (f" --copies {copies}" if copies not in (None, 1) else "")

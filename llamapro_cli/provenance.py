@@ -1,12 +1,15 @@
 """`llamapro.json`, the contract between expand, verify-identity, freeze-map and verify-frozen.
 
-Owns `Provenance` (schema v1, design.md §3) as a frozen dataclass: `Provenance.from_json()` is the one place
-a record read from disk is validated, `to_json()` the one place one is written, so every reader works with
-typed fields and nobody reads the record by string keys. A re-expansion nests the previous record as
-`parent`; `generations()` walks them, newest first.
+Owns `Provenance` (schema v1, design.md §3; v2 for `relayer` layer maps) as a frozen dataclass:
+`Provenance.from_json()` is the one place a record read from disk is validated, `to_json()` the one place
+one is written, so every reader works with typed fields and nobody reads the record by string keys. A
+re-expansion nests the previous record as `parent`; `generations()` walks them, newest first. Schema v2
+differs from v1 only in its plan, `{"kind": "layers", "spec": SPEC}`, whose layers may repeat, drop or
+reorder the source's: a v1 reader assumes every source layer once and in order, so it must not take one.
 
 Invariant: `from_json(p.to_json()) == p`, and `to_json()` keeps the v1 key order and values, so the bytes
-on disk are exactly schema v1. Keys a later or foreign writer added are kept (`extra`) and written back.
+on disk are exactly schema v1 (v2 for a `layers` plan). Keys a later or foreign writer added are kept
+(`extra`) and written back.
 Must not: read files (the caller reads them, bounded) or decide exit codes beyond `InputError`.
 """
 
@@ -16,9 +19,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llamapro_cli.plan import ExpansionPlan, NewLayer
+from llamapro_cli.plan import ExpansionPlan, NewLayer, PlanKind
 
 SCHEMA_VERSION = 1
+LAYERS_SCHEMA_VERSION = 2  # the record of a `layers` plan (relayer): the only change from v1
 ALGORITHM = "sha256"
 
 
@@ -48,13 +52,17 @@ class PlanRecord:
     after: tuple[int, ...] | None = None
     add: int | None = None
     placement: str | None = None
+    spec: str | None = None  # a `layers` plan's canonical SPEC (schema v2)
 
     @classmethod
     def of(cls, plan: ExpansionPlan) -> PlanRecord:
         record = plan.to_record()
-        return cls(**{**record, "after": tuple(record["after"]) if record["after"] is not None else None})
+        after = record.get("after")
+        return cls(**{**record, "after": tuple(after) if after is not None else None})
 
     def to_json(self) -> dict[str, Any]:
+        if self.kind == PlanKind.LAYERS:
+            return {"kind": self.kind, "spec": self.spec}
         return {
             "kind": self.kind,
             "every": self.every,
@@ -115,6 +123,7 @@ class Provenance:
             after=plan.after,
             add=plan.add,
             placement=plan.placement,
+            spec=plan.spec,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -150,6 +159,11 @@ class Provenance:
         """Validate a parsed record (and every nested parent); `RecordError` says what is wrong."""
         if not isinstance(doc, dict) or not _is_int(doc.get("schema_version")):
             raise RecordError("not a llamapro provenance record (no schema_version)")
+        if doc["schema_version"] > LAYERS_SCHEMA_VERSION:
+            raise RecordError(
+                f"llamapro.json schema_version {doc['schema_version']} is newer than this llamapro reads "
+                f"(1 and {LAYERS_SCHEMA_VERSION}); upgrade llamapro"
+            )
         try:
             return _generation(doc)
         except RecordError as e:
@@ -227,6 +241,7 @@ def _plan(plan: dict[str, Any]) -> PlanRecord:
         after=tuple(after) if after is not None else None,
         add=_optional(plan, "add", int, "plan."),
         placement=_optional(plan, "placement", str, "plan."),
+        spec=_optional(plan, "spec", str, "plan."),
     )
 
 

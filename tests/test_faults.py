@@ -233,7 +233,7 @@ def test_stale_partials_of_other_outputs_are_not_touched(src: Path, tmp_path: Pa
 EXPAND_ARGS = ["expand", "--every", "2", "--in", "{src}", "--out", "{out}"]
 OUTSIDE_THE_COPY = {
     "during-inspect": ("llamapro_cli.describe", "describe_checkpoint", ["inspect", "{src}"], signal.SIGINT),
-    "before-the-copy": ("llamapro_cli.expand", "_prepare", EXPAND_ARGS, signal.SIGTERM),
+    "before-the-copy": ("llamapro_cli.surgery", "prepare", EXPAND_ARGS, signal.SIGTERM),
     "after-the-copy": ("llamapro_cli.cli.expand", "render_expand", EXPAND_ARGS, signal.SIGINT),
 }
 

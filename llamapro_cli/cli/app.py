@@ -1,8 +1,8 @@
 """The Typer app: the commands in workflow order, the error-to-exit-code mapping, and `main()`.
 
-Each command lives in the module of its group (`inspect`, `expand`, `verify`, `freeze`, `merge`, `hub`,
-`demo`) with its examples beside it; this module only assembles them. Errors: every `LlamaproError` becomes
-`error: …` (+ `hint: …`) on stderr and its exit code; anything else is a bug (exit 101, traceback only
+Each command lives in the module of its group (`inspect`, `expand`, `relayer`, `verify`, `freeze`, `merge`,
+`hub`, `demo`) with its examples beside it; this module only assembles them. Errors: every `LlamaproError`
+becomes `error: …` (+ `hint: …`) on stderr and its exit code; anything else is a bug (exit 101, traceback only
 with LLAMAPRO_DEBUG=1). SIGINT/SIGTERM/SIGHUP exit 130/143/129 with one line, never Typer's "Aborted!". Heavy
 imports (huggingface_hub, torch, transformers) happen inside the commands so `llamapro --help` stays fast.
 
@@ -23,7 +23,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from llamapro_cli.cli import console, demo, engines_cmds, expand, freeze, hub, inspect, merge, verify
+from llamapro_cli.cli import console, demo, engines_cmds, expand, freeze, hub, inspect, merge, relayer, verify
 from llamapro_cli.cli.options import Command, CommandSpec
 from llamapro_cli.errors import Interrupted, LlamaproError, OutputError
 from llamapro_cli.version import __version__
@@ -37,6 +37,7 @@ EXIT_CODES = """Exit codes: 0 success; 1 the check ran and failed;
 COMMANDS: tuple[CommandSpec, ...] = (
     inspect.COMMAND,
     expand.COMMAND,
+    relayer.COMMAND,
     verify.COMMAND,
     engines_cmds.GGUF_PATTERN,
     freeze.FREEZE_MAP,

@@ -196,7 +196,7 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         ("free space", "unknown" if report.free_space is None else human_bytes(report.free_space)),
     ]
     if not report.dry_run:
-        rows.append(("engine", _engines(report.shards)))
+        rows.append(("engine", engines_text(report.shards)))
         rows.append(("time", f"{report.seconds:.1f} s"))
     console.print_rows(rows)
     if report.dry_run:
@@ -215,7 +215,7 @@ def render_expand(report: ExpandReport, *, quiet: bool = False) -> None:
         console.note(f"next: llamapro verify-identity --out {report.out}")
 
 
-def _engines(shards: Sequence[ShardSummary]) -> str:
+def engines_text(shards: Sequence[ShardSummary]) -> str:
     """Which engine wrote the shards: "clone", or "direct (3 shards), buffered (1 shard)"."""
     counts = Counter(shard.engine for shard in shards)
     if len(counts) == 1:

@@ -13,7 +13,7 @@ from llamapro_cli.card import human_count
 from llamapro_cli.cli import console
 from llamapro_cli.cli.console import human_bytes, layer_ranges, new_layer_pairs
 from llamapro_cli.cli.options import CheckpointArg, CommandSpec, JsonOpt, RevisionOpt
-from llamapro_cli.plan import plan_options
+from llamapro_cli.plan import PlanKind, plan_options
 
 if TYPE_CHECKING:
     from llamapro_cli.describe import Expansion, InspectReport
@@ -93,6 +93,14 @@ def _kinds(kinds: Sequence[str]) -> str:
 def _expanded(expansion: Expansion | None) -> str:
     if expansion is None:
         return "no llamapro.json (not expanded by llamapro)"
+    if expansion.plan.get("kind") == PlanKind.LAYERS:  # relayer: any layer map, copies optional
+        copies = new_layer_pairs(expansion.new_layers, expansion.sources)
+        return (
+            f"relayered from {expansion.num_layers_in} layers of {expansion.source} by {expansion.tool} "
+            f"({plan_options(expansion.plan)})"
+            + (f"; zeroed copies (new<-source): {copies}" if copies else "")
+            + (f"; {expansion.generations} generations deep" if expansion.generations > 1 else "")
+        )
     text = (
         f"from {expansion.num_layers_in} layers of {expansion.source} by {expansion.tool} "
         f"({plan_options(expansion.plan)}); new layers (new<-source): "
