@@ -163,13 +163,18 @@ def _read(path: Path, offset: int, n: int) -> bytes:
 
 def check_expansion(src: Path, out: Path, every: int) -> str:
     """'yes', 'yes (zeros are -0.0)' or 'no: why' for an expanded output folder."""
+    return check_map(src, out, layer_map(_layer_count(src), every))
+
+
+def check_map(src: Path, out: Path, entries: list[tuple[int, bool]]) -> str:
+    """'yes', 'yes (zeros are -0.0)' or 'no: why': output layer j holds exactly source layer entries[j][0]'s
+    tensors (branch ends zeroed where entries[j][1]), every other tensor is the source's."""
     have, want = _headers(out), _headers(src)
-    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     expected: dict[str, tuple[str | None, str]] = {}
     for name in want:
         if not name.startswith("model.layers."):
             expected[name] = (name, name)
-    for j, (i, copy) in enumerate(layer_map(layers, every)):
+    for j, (i, copy) in enumerate(entries):
         for name in want:
             if name.startswith(f"model.layers.{i}."):
                 rel = name[len(f"model.layers.{i}.") :]
@@ -191,6 +196,10 @@ def check_expansion(src: Path, out: Path, every: int) -> str:
             elif data != _read(want[source][0], so, k):
                 return f"no: {name} differs from {source}"
     return "yes (zeros are -0.0)" if negative_zero else "yes"
+
+
+def _layer_count(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
 
 
 def environment() -> dict[str, str]:

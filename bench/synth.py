@@ -1,9 +1,9 @@
 """Synthetic Llama (and Qwen2) checkpoints of real shapes for the benchmark.
 
-Shapes are those of real models (TinyLlama 1.1B, LLaMA-2 7B, LLaMA-2 70B, Qwen2.5 0.5B); files are laid out the way
-`transformers.save_pretrained` lays them out (tensors split into shards in state-dict order, each shard's
-header sorted by name as the safetensors library writes it, an index when sharded). Values are finite
-bf16: one 64 MiB block of N(0, 0.02) float32 rounded down to bf16 bit patterns, repeated with a
+Shapes are those of real models (TinyLlama 1.1B, LLaMA-2 7B, LLaMA-2 70B, Qwen2.5 0.5B); files are laid
+out the way `transformers.save_pretrained` lays them out (tensors split into shards in state-dict order,
+each shard's header sorted by name as the safetensors library writes it, an index when sharded). Values
+are finite bf16: one 64 MiB block of N(0, 0.02) float32 rounded down to bf16 bit patterns, repeated with a
 per-tensor phase. Tensors are therefore not distinct from one another (nothing here depends on that:
 the tools under test move bytes), but every value is a real, finite number.
 
@@ -97,7 +97,6 @@ class Shape:
             "torch_dtype": "bfloat16",
         }
 
-
     def qwen2_config(self) -> dict[str, object]:
         """As Qwen2.5's hub configs are written (no `layer_types`: transformers derives it from
         `use_sliding_window`, `sliding_window` and `max_window_layers`), with the window switched on."""
@@ -129,9 +128,20 @@ SHAPES = {
     "7b": Shape("7b", "LLaMA-2 7B", 32, 4096, 11008, 32, 32, 32000, 10 * 10**9, 4096),
     "70b": Shape("70b", "LLaMA-2 70B", 80, 8192, 28672, 64, 8, 32000, 10 * 10**9, 4096),
     "qwen2-0.5b": Shape(
-        "qwen2-0.5b", "Qwen2.5 0.5B (sliding window on)", 24, 896, 4864, 14, 2, 151936, 5 * 10**9, 32768,
-        model_type="qwen2", max_window_layers=21, sliding_window=4096,
-    ),  # fmt: skip
+        "qwen2-0.5b",
+        "Qwen2.5 0.5B (sliding window on)",
+        24,
+        896,
+        4864,
+        14,
+        2,
+        151936,
+        5 * 10**9,
+        32768,
+        model_type="qwen2",
+        max_window_layers=21,
+        sliding_window=4096,
+    ),
 }
 
 
