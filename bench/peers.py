@@ -216,3 +216,14 @@ def environment() -> dict[str, str]:
         "filesystem": sh(f"df -T {REPO} | awk 'NR==2{{print $2}}'"),
         "device": sh(f"df {REPO} | awk 'NR==2{{print $1}}'"),
     }
+
+
+if __name__ == "__main__":  # `python bench/peers.py setup-mergekit`: the first step of `make test-peers`
+    if sys.argv[1:] != ["setup-mergekit"]:
+        sys.exit("usage: python bench/peers.py setup-mergekit")
+    why = setup_mergekit(REPO / "bench" / ".work")
+    if why:
+        sys.exit(why)
+    print(
+        f"mergekit {mergekit_version(REPO / 'bench' / '.work')} in {mergekit_venv(REPO / 'bench' / '.work')}"
+    )
