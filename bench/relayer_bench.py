@@ -155,7 +155,8 @@ def _row(s: dict[str, Any], dd: float) -> str:
     return (
         f"| {LABELS[s['tool']]} | {median:.1f} s ({walls[0]:.1f}–{walls[-1]:.1f}) | {exits} "
         f"| {s['bytes_written'] / 1e9:.2f} GB | {f'{per_byte:.2f}' if per_byte == per_byte else '—'} "
-        f"| {rss / 1e6:.0f} MB | {cpu:.1f} s | {min(loads):.1f}–{max(loads):.1f} "
+        f"| {f'{rss / 1e6:.0f} MB' if rss < 1e9 else f'{rss / 1e9:.1f} GB'} | {cpu:.1f} s "
+        f"| {min(loads):.1f}–{max(loads):.1f} "
         f"| {s['tensors'] or '—'} | {s['layer_config'] or '—'} |"
     )
 
@@ -203,7 +204,7 @@ def render(results: dict[str, Any]) -> str:
         f"page cache dropped before every run ({results['cache']}); mergekit {results['mergekit']}.",
         "",
     ]
-    for recipe in results["recipes"]:
+    for recipe in sorted(results["recipes"], key=lambda r: -r["input_bytes"]):  # the largest first
         lines += recipe_table(recipe)
     return "\n".join([*lines, END])
 
