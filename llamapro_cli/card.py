@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from llamapro_cli.errors import InputError, OutputError
-from llamapro_cli.plan import ExpansionPlan, plan_options
+from llamapro_cli.plan import ExpansionPlan, PlanKind, plan_options
 from llamapro_cli.version import __version__
 
 TAGS = ("llama-pro", "block-expansion")
+RELAYER_TAGS = ("llamapro", "layer-map")
 PAPER = "https://arxiv.org/abs/2401.02415"
 # Metadata of the original card that describes the original repo, not the expanded one: its own base
 # model and relation, its evaluation results (model-index names the original), its successor.
@@ -87,14 +88,17 @@ def card_data(original: dict[str, Any], facts: CardFacts) -> Any:
     tags = kept.pop("tags", None) or []
     tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
     lineage: dict[str, Any] = {}
+    relayered = facts.plan.kind is PlanKind.LAYERS
     if facts.base_model:
-        # "finetune" is the Hub's closest relation: same weights plus new (to be trained) blocks.
-        lineage = {"base_model": facts.base_model, "base_model_relation": "finetune"}
+        # "finetune" is the Hub's closest relation: same weights plus new (to be trained) blocks; a layer
+        # map that repeats, drops or reorders layers is what the Hub calls a merge (mergekit passthrough).
+        relation = "merge" if not facts.plan.is_identity_map else "finetune"
+        lineage = {"base_model": facts.base_model, "base_model_relation": relation}
     return ModelCardData(
         **kept,
         **lineage,
         library_name="transformers",
-        tags=list(dict.fromkeys([*tags, *TAGS])),
+        tags=list(dict.fromkeys([*tags, *(RELAYER_TAGS if relayered else TAGS)])),
         ignore_metadata_errors=True,
     )
 
@@ -180,7 +184,10 @@ def _parse_original(text: str | None) -> tuple[dict[str, Any], str]:
 
 
 def _body(facts: CardFacts, original_text: str) -> str:
-    parts = [_intro(facts), _how(facts), _layout(facts.plan), _next_steps(facts)]
+    if facts.plan.kind is PlanKind.LAYERS:
+        parts = [_relayer_intro(facts), _how(facts), _map_layout(facts.plan), _relayer_next_steps(facts)]
+    else:
+        parts = [_intro(facts), _how(facts), _layout(facts.plan), _next_steps(facts)]
     if original_text.strip():
         parts.append(
             f"## Original model card\n\nThe card of `{facts.source}` as it was when this model was made "
@@ -203,9 +210,30 @@ def _intro(facts: CardFacts) -> str:
     )
 
 
+def _relayer_intro(facts: CardFacts) -> str:
+    plan = facts.plan
+    base = facts.base_model
+    src = f"[{base}](https://huggingface.co/{base})" if base else f"`{facts.source}`"
+    what = (
+        "Every original layer is kept once and in order, and the other layers are copies whose "
+        "residual-writing output projections are zero, so until it is trained this model computes exactly "
+        "the logits of the original. Train the zeroed copies only."
+        if plan.is_identity_map
+        else "Layers are repeated, dropped or reordered, so this is a new model: it does not compute what "
+        "the original does (`llamapro compare` measures how far apart they are)."
+    )
+    return (
+        f"# {facts.name}\n\n"
+        f"{src} ({facts.architecture}) relayered from {plan.num_layers_in} to {plan.num_layers_out} layers "
+        f"with llamapro {__version__}: each output layer is a byte copy of its source layer, with the "
+        f"config's per-layer fields following it. {what}\n"
+    )
+
+
 def _how(facts: CardFacts) -> str:
+    verb = "relayer" if facts.plan.kind is PlanKind.LAYERS else "expand"
     command = facts.command or (
-        f"llamapro expand {plan_options(facts.plan)} --in {facts.source} --out {facts.model_ref}"
+        f"llamapro {verb} {plan_options(facts.plan)} --in {facts.source} --out {facts.model_ref}"
     )
     revision = f" at revision `{facts.revision}`" if facts.revision else ""
     return (
@@ -214,7 +242,8 @@ def _how(facts: CardFacts) -> str:
         "| | layers | parameters |\n|---|---:|---:|\n"
         f"| original | {facts.plan.num_layers_in} | {human_count(facts.parameters_in)} "
         f"({facts.parameters_in:,}) |\n"
-        f"| expanded | {facts.plan.num_layers_out} | {human_count(facts.parameters_out)} "
+        f"| {'relayered' if verb == 'relayer' else 'expanded'} | {facts.plan.num_layers_out} | "
+        f"{human_count(facts.parameters_out)} "
         f"({facts.parameters_out:,}) |\n\n"
         "`llamapro.json` in this repository records the plan, the source and the zeroed tensors.\n"
     )
@@ -227,6 +256,28 @@ def _layout(plan: ExpansionPlan) -> str:
         f"## New layers\n\nPlan: `{plan_options(plan)}`. Each new layer starts as an identity copy of its "
         "source layer.\n\n| new layer | copy of original layer |\n|---:|---:|\n"
         f"{rows}\nLayout (original layer indices in order; copies in brackets):\n\n```text\n{line}\n```\n"
+    )
+
+
+def _map_layout(plan: ExpansionPlan) -> str:
+    line = " ".join(f"[{x.source}]" if x.identity else str(x.source) for x in plan.layers)
+    return (
+        f"## Layer map\n\nMap: `{plan_options(plan)}` (source layers in output order; a `z` marks a "
+        "zeroed copy).\n\nLayout (the source layer of each output layer; zeroed copies in brackets):\n\n"
+        f"```text\n{line}\n```\n"
+    )
+
+
+def _relayer_next_steps(facts: CardFacts) -> str:
+    ref = facts.model_ref
+    if facts.plan.is_identity_map and facts.plan.new_indices:
+        return _next_steps(facts)
+    train = f"# which parameters to train (the zeroed copies)\nllamapro freeze-map {ref} --format hf\n"
+    return (
+        "## Check and train\n\n```bash\n"
+        "# how far apart this model and the original are on the same tokens\n"
+        f"llamapro compare {facts.source} {ref}\n"
+        f"{train if facts.plan.new_indices else ''}```\n"
     )
 
 

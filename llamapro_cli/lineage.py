@@ -152,7 +152,13 @@ def compose(newer: ExpansionPlan, older: ExpansionPlan) -> ExpansionPlan:
         was = older.layers[layer.source]
         layers.append(NewLayer(layer.index, was.source, layer.identity or was.identity))
     copies = sorted(x.source for x in layers if x.identity)
-    return ExpansionPlan.from_layers(older.num_layers_in, layers, kind=PlanKind.AFTER, after=copies)
+    try:
+        return ExpansionPlan.from_layers(older.num_layers_in, layers, kind=PlanKind.AFTER, after=copies)
+    except ValueError:
+        if PlanKind.LAYERS not in (newer.kind, older.kind):
+            raise
+        # A relayer generation: any map composes into a map (`is_identity_map` says what it is).
+        return ExpansionPlan.from_layers(older.num_layers_in, layers, kind=PlanKind.LAYERS)
 
 
 def infer_plan(expanded: Checkpoint, base: Checkpoint) -> ExpansionPlan:

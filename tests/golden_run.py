@@ -23,6 +23,7 @@ FORMATS = ("text", "names", "json", "regex", "axolotl", "llama-factory", "peft",
 COMMANDS = (
     "inspect",
     "expand",
+    "relayer",
     "verify-identity",
     "freeze-map",
     "verify-frozen",
@@ -157,6 +158,13 @@ def transcript() -> str:
         run("verify-frozen", "--map", "pro2", "--trained", "pro2", "--json")
         run("inspect", "no-such-folder")
         run("expand", "--every", "0", "--in", "base", "--out", "bad")
+        run("relayer", "--layers", "0-5,2-7", "--in", "base", "--out", "dus")  # depth up-scaling: 8 -> 12
+        files("dus")
+        run("relayer", "--drop-new", "--in", "pro", "--out", "undo", "--json")  # the base, byte for byte
+        files("undo")
+        run("inspect", "undo")
+        run("verify-identity", "--out", "dus")
+        run("relayer", "--layers", "0-8", "--in", "base", "--out", "bad")
         return "".join(out)
 
 

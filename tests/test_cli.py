@@ -135,6 +135,7 @@ def test_inspect_and_expand_never_import_torch(demo: Path, tmp_path: Path) -> No
         ["--help"],
         ["inspect", str(demo)],
         ["expand", "--every", "4", "--in", str(demo), "--out", str(tmp_path / "o"), "--quiet"],
+        ["relayer", "--layers", "0-3,1-2z", "--in", str(demo), "--out", str(tmp_path / "r"), "--quiet"],
     ):
         proc = subprocess.run(
             [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True

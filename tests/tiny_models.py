@@ -775,3 +775,86 @@ def reference_expand(
 
 
 _NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The oracle of a layer map (`relayer`): the source model's own layers run in the mapped order, by hand.
+
+# Config keys whose value is a set of layer indices (read at forward time by some families, e.g. Bamba's
+# `layers_block_type` property derives from `attn_layer_indices`): remapped as indices, not per position.
+_INDEX_SET_SUFFIXES = ("_indices", "_idxs", "_layers")
+
+
+def _decoder_layers(model: Any, n_layers: int) -> tuple[Any, str]:
+    """The (parent module, attribute) holding the decoder's layer list: the one ModuleList named
+    `layers` or `h` of the model's depth."""
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList)
+        and len(module) == n_layers
+        and name.split(".")[-1] in ("layers", "h")
+    ]
+    assert len(found) == 1, f"expected one decoder layer list of {n_layers}, found {found}"
+    parent, _, attr = found[0].rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def _remap_config(config: Any, entries: Sequence[tuple[int, bool]], n_layers: int) -> None:
+    """Per-layer values the model reads at forward time follow their layer: lists with one entry per
+    layer by source, index sets by membership of the source; the layer count is the map's."""
+    new_count = len(entries)
+    for key, value in list(vars(config).items()):
+        if not isinstance(value, list) or key == "architectures":
+            continue
+        if len(value) == n_layers and not any(isinstance(v, (dict, list)) for v in value):
+            setattr(config, key, [value[s] for s, _ in entries])
+        elif key.endswith(_INDEX_SET_SUFFIXES) and all(type(v) is int and 0 <= v < n_layers for v in value):
+            members = set(value)
+            setattr(config, key, [j for j, (s, _) in enumerate(entries) if s in members])
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in vars(config):
+            setattr(config, key, new_count)
+
+
+def relayered_reference(
+    base_dir: Path, entries: Sequence[tuple[int, bool]], zero: Callable[[str], bool]
+) -> Any:
+    """The base model whose decoder runs deep copies of its own layers in `entries` order ((source,
+    zeroed) pairs, as `layer_map.parse_spec` gives): zeroed copies get every parameter whose
+    block-relative in-memory name satisfies `zero` set to 0; each copy's layer_idx is its new position
+    (the cache slot), every other attribute (attention type, sliding, RoPE) stays its source's."""
+    import copy
+
+    model = load_model(base_dir)
+    n_layers = num_layers(base_dir)
+    parent, attr = _decoder_layers(model, n_layers)
+    layers = getattr(parent, attr)
+    new = torch.nn.ModuleList()
+    for j, (source, zeroed) in enumerate(entries):
+        layer = copy.deepcopy(layers[source])
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = j
+        if zeroed:
+            with torch.no_grad():
+                for name, param in layer.named_parameters():
+                    if zero(name):
+                        param.zero_()
+        new.append(layer)
+    setattr(parent, attr, new)
+    configs = {
+        id(c): c for c in (model.config, model.config.get_text_config(), getattr(parent, "config", None)) if c
+    }
+    for config in configs.values():
+        _remap_config(config, entries, n_layers)
+    return model.eval()
+
+
+@torch.no_grad()
+def forward_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-forward logits, every parameter first moved to fresh allocator-aligned memory (rounding of
+    some kernels follows the data pointer's alignment, and a deep copy is not where an mmap is)."""
+    for param in model.parameters():
+        param.data = param.data.clone()
+    return logits_full(_text_path(model), input_ids)

@@ -33,7 +33,7 @@ from llamapro_cli.architectures.registry import (
     quantization_layer_pattern,
 )
 from llamapro_cli.errors import UnsupportedError, UsageError
-from llamapro_cli.plan import ExpansionPlan
+from llamapro_cli.plan import ExpansionPlan, PlanKind
 
 
 def rewrite_config(family: Family, config: Config, plan: ExpansionPlan) -> tuple[dict[str, Any], list[str]]:
@@ -56,7 +56,7 @@ def rewrite_config(family: Family, config: Config, plan: ExpansionPlan) -> tuple
         if values is None:
             continue
         remapped = [values[s] for s in sources]
-        warning = _write_field(family, fld, sub, remapped)
+        warning = _write_field(family, fld, sub, remapped, plan)
         if warning and (fld.relevant is None or fld.relevant(old)):
             warnings.append(warning)
         written.append((fld, values, remapped))
@@ -73,7 +73,9 @@ def rewrite_config(family: Family, config: Config, plan: ExpansionPlan) -> tuple
     return new, warnings
 
 
-def _write_field(family: Family, fld: LayerField, sub: dict[str, Any], values: list[Any]) -> str | None:
+def _write_field(
+    family: Family, fld: LayerField, sub: dict[str, Any], values: list[Any], plan: ExpansionPlan
+) -> str | None:
     if fld.kind is FieldKind.VIRTUAL:
         return None
     if fld.kind is FieldKind.LIST:
@@ -89,6 +91,13 @@ def _write_field(family: Family, fld: LayerField, sub: dict[str, Any], values: l
     if all(values[:count]) and not any(values[count:]):
         sub[fld.key] = count
         return None
+    if fld.required and plan.kind is PlanKind.LAYERS:
+        raise UsageError(
+            f"this layer map cannot be expressed for {family.name}: {fld.key} needs the layers below a "
+            f"threshold to stay a prefix, and the map puts {_prefix_breakers(values)} after a layer that "
+            "is not below it",
+            hint=f"keep the layers below {fld.key} together at the start of the map",
+        )
     if fld.required:
         raise UsageError(
             f"this plan cannot be expressed for {family.name}: {fld.key} needs the layers below a "
@@ -111,6 +120,12 @@ def _check_virtual(
             continue
         got = fld.derive(sub, plan.num_layers_out)
         bad = [j for j in range(plan.num_layers_out) if got[j] != remapped[j]]
+        if bad and plan.kind is PlanKind.LAYERS:
+            raise UsageError(
+                f"this layer map cannot be expressed for {family.name}: its config derives each layer's "
+                f"kind from the index ({fld.key}), and output layers {short_list(bad)} would change kind",
+                hint=f"map layers to indices of the same kind (the kinds repeat every {_period(got)} layers)",
+            )
         if bad:
             period = _period(got)
             raise UsageError(
@@ -118,6 +133,13 @@ def _check_virtual(
                 f"from the index ({fld.key}), and new layers {short_list(bad)} would change kind",
                 hint=f"insert whole periods: --every {period} --copies {period} keeps every layer's kind",
             )
+
+
+def _prefix_breakers(values: list[Any]) -> str:
+    """The output layers that are "below" the threshold but come after one that is not."""
+    first_off = next((j for j, member in enumerate(values) if not member), len(values))
+    late = [j for j in range(first_off, len(values)) if values[j]]
+    return f"output layer{'s' if len(late) > 1 else ''} {short_list(late)}"
 
 
 def _period(values: Sequence[Any]) -> int:
@@ -155,7 +177,9 @@ def _remap_quantization(family: Family, config: dict[str, Any], plan: ExpansionP
     new_of: dict[int, list[int]] = {}
     for layer in plan.layers:
         new_of.setdefault(layer.source, []).append(layer.index)
-    shift = plan.num_layers_out - plan.num_layers_in  # extra (MTP) layers beyond the blocks move up
+    for dropped in range(plan.num_layers_in):
+        new_of.setdefault(dropped, [])  # a dropped layer's names go with it
+    shift = plan.num_layers_out - plan.num_layers_in  # extra (MTP) layers beyond the blocks move
     for key in QUANT_NAME_KEYS:
         names = qc.get(key)
         if isinstance(names, list):

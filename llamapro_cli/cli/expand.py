@@ -67,6 +67,13 @@ def expand(
         Placement,
         choice(Placement, "--placement", help="With --add: interleave (paper), top, or bottom (warned)."),
     ] = Placement.INTERLEAVE,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SPEC",
+            help="The whole layout as a layer map (0-3,3z,4-7: z marks a copy); identity maps only.",
+        ),
+    ] = None,
     revision: RevisionOpt = None,
     max_shard_size: Annotated[
         str,
@@ -122,6 +129,7 @@ def expand(
             after=parse_after(after) if after is not None else None,
             add=add,
             placement=placement,
+            layers=layers,
             revision=revision,
             max_shard_size=max_shard_size,
             digests=digests,

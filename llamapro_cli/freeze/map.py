@@ -28,6 +28,7 @@ from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UsageError
 from llamapro_cli.freeze.claims import check_new_layers, zero_by_digest, zero_by_value
 from llamapro_cli.lineage import layer_mapping, zeroed_layers
+from llamapro_cli.plan import PlanKind
 
 MANIFEST_SCHEMA = 1
 MANIFEST_KIND = "llamapro freeze-map"
@@ -202,7 +203,19 @@ def _new_layers(ckpt: Checkpoint, digests: Mapping[str, str] | None) -> NewLayer
         check_new_layers(
             ckpt.family, ckpt.family.layer_prefix, ckpt.weight_map, indices, is_zero, where=where
         )
-        return NewLayers(indices, tuple(c.source for c in copies), FOUND_BY_RECORD)
+        if not copies:
+            raise InputError(
+                f"{where}: this checkpoint's layer map (--layers {plan.spec}) has no zeroed copy, so no "
+                "layer is new and there is nothing to train",
+                hint="make zeroed copies to train: llamapro relayer --layers SPEC with z layers, or expand",
+            )
+        # Sources index the input as the i-th layer that is not new (manifest, learning report). After a
+        # relayer map that repeats, drops or reorders layers, the i-th kept layer holding the copy's
+        # source stands for it; a copy of a dropped layer has none, and then no source is given.
+        kept = [layer.source for layer in plan.layers if not layer.identity]
+        first = {source: i for i, source in reversed(list(enumerate(kept)))}
+        sources = tuple(first.get(c.source, -1) for c in copies)
+        return NewLayers(indices, None if -1 in sources else sources, FOUND_BY_RECORD)
     # Without llamapro.json and without the base checkpoint only the zero test can say which are new.
     found = tuple(zeroed_layers(ckpt))
     if not found:
@@ -294,8 +307,17 @@ def _parent_note(ckpt: Checkpoint, new_layers: Sequence[int]) -> list[str]:
     if record is None or record.parent is None:
         return []
     earlier = record.parent.new_layers
-    now = {x.source: x.index for x in record.layers if not x.identity}
-    moved = sorted(now[j] for j in earlier if j in now)
+    now: dict[int, list[int]] = {}
+    for x in record.layers:
+        if not x.identity:
+            now.setdefault(x.source, []).append(x.index)
+    moved = sorted(i for j in earlier for i in now.get(j, ()))
+    if record.plan.kind == PlanKind.LAYERS:
+        return [
+            f"relayered from an earlier llamapro output: only this map's zeroed copies "
+            f"({_join(new_layers)}) are trainable; the earlier new layers are now layers {_join(moved)} "
+            "and stay frozen"
+        ]
     return [
         f"expanded twice: only the latest expansion's layers ({_join(new_layers)}) are trainable; "
         f"the earlier new layers are now layers {_join(moved)} and stay frozen"

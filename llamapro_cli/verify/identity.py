@@ -35,6 +35,7 @@ from pathlib import Path
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.errors import InputError, UnsupportedError, UsageError
 from llamapro_cli.io.files import PROVENANCE_NAME
+from llamapro_cli.layer_map import identity_problem
 from llamapro_cli.lineage import LayerMapping, layer_mapping
 from llamapro_cli.plan import ExpansionPlan
 from llamapro_cli.verify.engines.result import ServingReport
@@ -152,6 +153,13 @@ def _check_base(exp: Checkpoint, base: Checkpoint, plan: ExpansionPlan) -> None:
             f"{base.root} is a {base.num_layers}-layer {base.family.name} model, but {exp.root} was "
             f"expanded from a {plan.num_layers_in}-layer {exp.family.name} model",
             hint="is --in the checkpoint this one was expanded from?",
+        )
+    problem = identity_problem([(x.source, x.identity) for x in plan.layers], plan.num_layers_in)
+    if problem:  # a relayer map: no logit has to match, so there is no identity to verify (exit 2)
+        raise UsageError(
+            f"{exp.root}: its layer map over {base.root} (--layers {plan.spec}) is not an identity map "
+            f"({problem}), so it is not meant to compute the same logits",
+            hint=f"measure how far apart they are: llamapro compare {base.root} {exp.root}",
         )
 
 
