@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo-out
 
-.PHONY: install demo test test-engines lint format suite fuzz mutate bench docs clean test-trainers
+.PHONY: install demo test test-engines lint format suite fuzz mutate bench docs clean test-trainers test-peers
 
 install: $(STAMP)
 
@@ -67,6 +67,13 @@ $(TRAINERS_STAMP): pyproject.toml scripts/trainers-constraints.txt
 
 test-trainers: $(TRAINERS_STAMP)
 	$(TRAINERS_VENV)/bin/pytest -q -p no:randomly -m trainers tests/test_trainer_ports.py
+
+# Opt-in (not part of `test`): `llamapro relayer` against mergekit's passthrough on tiny Qwen2, Gemma 2 and
+# Llama models, by logits against the source layers run by hand; mergekit runs as a subprocess from its own
+# venv under bench/.work (created once, CPU torch pinned; the same one `make bench` uses).
+test-peers: install
+	$(BIN)/python bench/peers.py setup-mergekit
+	$(BIN)/pytest -q -p no:randomly -p no:xdist tests/test_mergekit_peer.py
 
 clean:
 	rm -rf $(VENV) $(TRAINERS_VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache site

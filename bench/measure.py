@@ -128,6 +128,31 @@ def run(
     )
 
 
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def skip_reason(tool: str, input_bytes: int, mergekit_note: str, root: Path) -> str:
+    """Why `tool` cannot run now (memory, disk), or ''; mergekit needs about half its input in memory and
+    every output needs ~1.5 x the input of free disk."""
+    if tool == "mergekit" and mergekit_note:
+        return mergekit_note
+    if tool == "mergekit" and mem_available() < input_bytes // 2 + (2 << 30):
+        return (
+            f"skipped: {mem_available() >> 30} GiB of memory available, mergekit needs about half the input"
+        )
+    if tool != "read" and free_bytes(root) < input_bytes * 3 // 2 + (2 << 30):
+        return f"skipped: {free_bytes(root) >> 30} GiB of free disk, the output needs ~1.5 x the input"
+    return ""
+
+
 def quick_timings(command: list[str], repeat: int = 5) -> list[float]:
     """Warm wall times of a short command (one unmeasured warm-up run first)."""
     subprocess.run(command, capture_output=True, check=True)

@@ -163,13 +163,18 @@ def _read(path: Path, offset: int, n: int) -> bytes:
 
 def check_expansion(src: Path, out: Path, every: int) -> str:
     """'yes', 'yes (zeros are -0.0)' or 'no: why' for an expanded output folder."""
+    return check_map(src, out, layer_map(_layer_count(src), every))
+
+
+def check_map(src: Path, out: Path, entries: list[tuple[int, bool]]) -> str:
+    """'yes', 'yes (zeros are -0.0)' or 'no: why': output layer j holds exactly source layer entries[j][0]'s
+    tensors (branch ends zeroed where entries[j][1]), every other tensor is the source's."""
     have, want = _headers(out), _headers(src)
-    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     expected: dict[str, tuple[str | None, str]] = {}
     for name in want:
         if not name.startswith("model.layers."):
             expected[name] = (name, name)
-    for j, (i, copy) in enumerate(layer_map(layers, every)):
+    for j, (i, copy) in enumerate(entries):
         for name in want:
             if name.startswith(f"model.layers.{i}."):
                 rel = name[len(f"model.layers.{i}.") :]
@@ -193,6 +198,10 @@ def check_expansion(src: Path, out: Path, every: int) -> str:
     return "yes (zeros are -0.0)" if negative_zero else "yes"
 
 
+def _layer_count(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+
+
 def environment() -> dict[str, str]:
     """The facts a reader needs to compare figures across machines."""
 
@@ -207,3 +216,14 @@ def environment() -> dict[str, str]:
         "filesystem": sh(f"df -T {REPO} | awk 'NR==2{{print $2}}'"),
         "device": sh(f"df {REPO} | awk 'NR==2{{print $1}}'"),
     }
+
+
+if __name__ == "__main__":  # `python bench/peers.py setup-mergekit`: the first step of `make test-peers`
+    if sys.argv[1:] != ["setup-mergekit"]:
+        sys.exit("usage: python bench/peers.py setup-mergekit")
+    why = setup_mergekit(REPO / "bench" / ".work")
+    if why:
+        sys.exit(why)
+    print(
+        f"mergekit {mergekit_version(REPO / 'bench' / '.work')} in {mergekit_venv(REPO / 'bench' / '.work')}"
+    )

@@ -5,6 +5,7 @@
     .venv/bin/python bench/run.py --quick              # 1.1B, one run, no mergekit, prints only
     .venv/bin/python bench/run.py --render-only        # re-render the page and plot from bench/results.json
     .venv/bin/python bench/run.py --fs xfs --sizes 1b   # on a loop-mounted XFS image (root): clone engine
+    .venv/bin/python bench/run.py --suite relayer       # SOLAR depth up-scaling against mergekit
 
 `--fs xfs|btrfs|ext4` runs everything on a fresh loop-mounted image of that filesystem (bench/fsimage.py,
 input generated on it) and records, beside the wall time, the new space each run allocated (settled
@@ -38,12 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsimage
 import measure
 import peers
+import relayer_bench
 import report
 import synth
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / ".work"
 RESULTS = REPO / "bench" / "results.json"
+RELAYER_RESULTS = REPO / "bench" / "results-relayer.json"
 DOC = REPO / "docs" / "performance.md"
 PNG = REPO / "docs" / "img" / "bench.png"
 EVERY = {"1b": 2, "7b": 4}
@@ -53,9 +56,19 @@ FS_TOOLS = ["llamapro", "llamapro-direct", "llamapro-digests", "cp-reflink", "cp
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1b,7b", help="comma-separated: 1b, 7b")
+    p.add_argument(
+        "--suite",
+        choices=["expand", "relayer"],
+        default="expand",
+        help="expand (LLaMA Pro, the default) or relayer (SOLAR depth up-scaling against mergekit)",
+    )
+    p.add_argument("--sizes", default="", help="comma-separated: 1b, 7b (relayer: qwen2-0.5b, 7b)")
     p.add_argument("--runs", type=int, default=3, help="cold runs per tool and size")
-    p.add_argument("--tools", default="", help="comma-separated: " + ", ".join(ALL_TOOLS + FS_TOOLS))
+    p.add_argument(
+        "--tools",
+        default="",
+        help="comma-separated: " + ", ".join(dict.fromkeys(ALL_TOOLS + FS_TOOLS + relayer_bench.TOOLS)),
+    )
     p.add_argument(
         "--fs", choices=sorted(fsimage.MKFS), help="run on a loop-mounted image of this filesystem"
     )
@@ -64,34 +77,14 @@ def _args() -> argparse.Namespace:
     p.add_argument("--clean", action="store_true", help="delete the generated checkpoints at the end")
     p.add_argument("--render-only", action="store_true", help="re-render docs from bench/results.json")
     args = p.parse_args()
-    args.tools = args.tools or ",".join(FS_TOOLS if args.fs else ALL_TOOLS)
+    relayer = args.suite == "relayer"
+    args.sizes = args.sizes or ("qwen2-0.5b,7b" if relayer else "1b,7b")
+    default_tools = relayer_bench.TOOLS if relayer else FS_TOOLS if args.fs else ALL_TOOLS
+    args.tools = args.tools or ",".join(default_tools)
     if args.quick:
-        args.sizes, args.runs, args.no_doc = "1b", 1, True
+        args.sizes, args.runs, args.no_doc = "qwen2-0.5b" if relayer else "1b", 1, True
         args.tools = ",".join(t for t in args.tools.split(",") if t != "mergekit")
     return args
-
-
-def _free(path: Path) -> int:
-    return shutil.disk_usage(path).free
-
-
-def _mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _skip_reason(tool: str, input_bytes: int, mergekit_note: str, root: Path) -> str:
-    if tool == "mergekit" and mergekit_note:
-        return mergekit_note
-    if tool == "mergekit" and _mem_available() < input_bytes // 2 + (2 << 30):
-        return (
-            f"skipped: {_mem_available() >> 30} GiB of memory available, mergekit needs about half the input"
-        )
-    if tool != "read" and _free(root) < input_bytes * 3 // 2 + (2 << 30):
-        return f"skipped: {_free(root) >> 30} GiB of free disk, the output needs ~1.5 x the input"
-    return ""
 
 
 def bench_size(
@@ -107,7 +100,7 @@ def bench_size(
         for tool in tools[run % len(tools) :] + tools[: run % len(tools)]:  # rotate: alternated order
             s = series[tool]
             measure.remove(out)  # the last run's output, before the free-space check
-            s.note = s.note or _skip_reason(tool, input_bytes, mergekit_note, root)
+            s.note = s.note or measure.skip_reason(tool, input_bytes, mergekit_note, root)
             if s.note:
                 continue
             command = peers.command(tool, src, out, every=every, work=WORK)
@@ -204,9 +197,21 @@ def main() -> None:
         results = json.loads(RESULTS.read_text())
         report.write_doc(DOC, results)
         report.write_fs_doc(DOC, sorted((REPO / "bench").glob("results-fs-*.json")))
+        if RELAYER_RESULTS.exists():
+            relayer_bench.write_doc(DOC, json.loads(RELAYER_RESULTS.read_text()))
         print("plot:", report.plot(results, PNG))
         return
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.suite == "relayer":
+        relayer_bench.main(
+            args.sizes.split(","),
+            args.tools.split(","),
+            args.runs,
+            WORK,
+            doc=None if args.no_doc else DOC,
+            results=WORK / "results-relayer.json" if args.no_doc else RELAYER_RESULTS,
+        )
+        return
     if args.fs:
         fs_main(args)
         return

@@ -1,9 +1,9 @@
-"""Synthetic Llama checkpoints of real shapes for the benchmark.
+"""Synthetic Llama (and Qwen2) checkpoints of real shapes for the benchmark.
 
-Shapes are those of real models (TinyLlama 1.1B, LLaMA-2 7B, LLaMA-2 70B); files are laid out the way
-`transformers.save_pretrained` lays them out (tensors split into shards in state-dict order, each shard's
-header sorted by name as the safetensors library writes it, an index when sharded). Values are finite
-bf16: one 64 MiB block of N(0, 0.02) float32 rounded down to bf16 bit patterns, repeated with a
+Shapes are those of real models (TinyLlama 1.1B, LLaMA-2 7B, LLaMA-2 70B, Qwen2.5 0.5B); files are laid
+out the way `transformers.save_pretrained` lays them out (tensors split into shards in state-dict order,
+each shard's header sorted by name as the safetensors library writes it, an index when sharded). Values
+are finite bf16: one 64 MiB block of N(0, 0.02) float32 rounded down to bf16 bit patterns, repeated with a
 per-tensor phase. Tensors are therefore not distinct from one another (nothing here depends on that:
 the tools under test move bytes), but every value is a real, finite number.
 
@@ -38,6 +38,11 @@ class Shape:
     vocab: int
     max_shard: int  # bytes, as the original repository was saved
     context: int
+    # Qwen2 (`model_type` "qwen2"): q/k/v biases, tied embeddings, and a sliding window on the layers from
+    # `max_window_layers` up: a per-layer attention pattern, which is what a layer map must carry over.
+    model_type: str = "llama"
+    max_window_layers: int = 0
+    sliding_window: int = 0
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) in state-dict order."""
@@ -45,6 +50,9 @@ class Shape:
         out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
         for i in range(self.layers):
             p = f"model.layers.{i}."
+            if self.qwen2:
+                out += [(p + "self_attn.q_proj.bias", (h,))]
+                out += [(p + f"self_attn.{x}_proj.bias", (kv,)) for x in "kv"]
             out += [
                 (p + "self_attn.q_proj.weight", (h, h)),
                 (p + "self_attn.k_proj.weight", (kv, h)),
@@ -56,12 +64,19 @@ class Shape:
                 (p + "input_layernorm.weight", (h,)),
                 (p + "post_attention_layernorm.weight", (h,)),
             ]
-        return [*out, ("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        out.append(("model.norm.weight", (h,)))
+        return out if self.qwen2 else [*out, ("lm_head.weight", (self.vocab, h))]  # qwen2: tied
+
+    @property
+    def qwen2(self) -> bool:
+        return self.model_type == "qwen2"
 
     def nbytes(self) -> int:
         return sum(2 * int(np.prod(s)) for _, s in self.tensors())
 
     def config(self) -> dict[str, object]:
+        if self.qwen2:
+            return self.qwen2_config()
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -82,11 +97,51 @@ class Shape:
             "torch_dtype": "bfloat16",
         }
 
+    def qwen2_config(self) -> dict[str, object]:
+        """As Qwen2.5's hub configs are written (no `layer_types`: transformers derives it from
+        `use_sliding_window`, `sliding_window` and `max_window_layers`), with the window switched on."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "num_hidden_layers": self.layers,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": self.context,
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0,
+            "hidden_act": "silu",
+            "use_sliding_window": True,
+            "sliding_window": self.sliding_window,
+            "max_window_layers": self.max_window_layers,
+            "tie_word_embeddings": True,
+            "bos_token_id": 151643,
+            "eos_token_id": 151643,
+            "torch_dtype": "bfloat16",
+        }
+
 
 SHAPES = {
     "1b": Shape("1b", "TinyLlama 1.1B", 22, 2048, 5632, 32, 4, 32000, 5 * 10**9, 2048),
     "7b": Shape("7b", "LLaMA-2 7B", 32, 4096, 11008, 32, 32, 32000, 10 * 10**9, 4096),
     "70b": Shape("70b", "LLaMA-2 70B", 80, 8192, 28672, 64, 8, 32000, 10 * 10**9, 4096),
+    "qwen2-0.5b": Shape(
+        "qwen2-0.5b",
+        "Qwen2.5 0.5B (sliding window on)",
+        24,
+        896,
+        4864,
+        14,
+        2,
+        151936,
+        5 * 10**9,
+        32768,
+        model_type="qwen2",
+        max_window_layers=21,
+        sliding_window=4096,
+    ),
 }
 
 
@@ -170,7 +225,8 @@ def generate(shape: Shape, root: Path, *, headers_only: bool = False) -> Path:
         index = {"metadata": {"total_size": shape.nbytes()}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
-    (folder / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}\n')
+    ids = {k: shape.config()[k] for k in ("bos_token_id", "eos_token_id")}
+    (folder / "generation_config.json").write_text(json.dumps(ids) + "\n")
     os.sync()
     stamp.write_text(spec)
     return folder
