@@ -386,3 +386,53 @@ def test_each_source_range_is_hashed_once(
     read.clear()
     assert hash_sources(tensors, known, chunk=64 * KiB, buffers=3, progress=None) == digests
     assert read == []  # known from before: nothing read again
+
+
+@pytest.mark.parametrize("split_min", [0, 1 << 40], ids=["two-readers", "one-reader"])
+def test_two_readers_hash_each_range_once_and_exactly(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, split_min: int
+) -> None:
+    # Both cores hash: the ranges of a file are read in two halves side by side. Every digest must
+    # still be the sha256 of exactly its range, each range read once, progress counted once.
+    from llamapro_cli.io import digests as digests_module
+
+    monkeypatch.setattr(digests_module, "SPLIT_MIN", split_min)
+    monkeypatch.setattr(digests_module.os, "cpu_count", lambda: 2)
+    source = tmp_path / "src.bin"
+    data = random.Random(5).randbytes(300 + 37 * 64 * KiB + 12_345)
+    source.write_bytes(data)
+    sizes = [5 * 64 * KiB + 17, 9 * 64 * KiB, 3 * 64 * KiB + 4000, 11 * 64 * KiB, 8 * 64 * KiB + 5]
+    tensors, offset = [], 300
+    for i, n in enumerate(sizes):
+        tensors.append(OutTensor(f"t{i}", "U8", (n,), source, offset))
+        offset += n
+    readers: list[int] = []
+    real = digests_module.DirectWriter
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def write(self, head: bytes, tensors: Any, *, start: int = 0) -> dict[str, str]:
+            readers.append(len(tensors))
+            return dict(super().write(head, tensors, start=start))
+
+    monkeypatch.setattr(digests_module, "DirectWriter", Counting)
+    progress: list[int] = []
+    digests = hash_sources(tensors, {}, chunk=64 * KiB, buffers=4, progress=progress.append)
+    assert len(readers) == (2 if split_min == 0 else 1) and sum(readers) == len(sizes)
+    assert sum(progress) == sum(sizes)
+    for t in tensors:
+        assert digests[t.name] == hashlib.sha256(data[t.offset : t.offset + t.nbytes]).hexdigest()
+
+
+def test_a_failing_second_reader_fails_the_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from llamapro_cli.io import digests as digests_module
+
+    monkeypatch.setattr(digests_module, "SPLIT_MIN", 0)
+    monkeypatch.setattr(digests_module.os, "cpu_count", lambda: 2)
+    source = tmp_path / "short.bin"
+    source.write_bytes(bytes(4 * 64 * KiB))
+    tensors = [
+        OutTensor("a", "U8", (2 * 64 * KiB,), source, 0),
+        OutTensor("b", "U8", (8 * 64 * KiB,), source, 2 * 64 * KiB),  # past the end of the file
+    ]
+    with pytest.raises(InputError, match="shorter than expected"):
+        hash_sources(tensors, {}, chunk=64 * KiB, buffers=4, progress=None)

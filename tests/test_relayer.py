@@ -350,10 +350,10 @@ def test_freeze_map_trains_the_zeroed_copies_of_a_map(pro: Path, tmp_path: Path)
     assert result.exit_code == 3 and "has no zeroed copy" in result.stderr
 
 
-def test_verify_frozen_audits_a_relayered_model(demo: Path, tmp_path: Path) -> None:
+def test_verify_frozen_audits_a_relayered_model(demo_one_file: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    relayer(demo, tmp_path / "z", layers="0-3,1-2,2z", digests=True)
+    relayer(demo_one_file, tmp_path / "z", layers="0-3,1-2,2z", digests=True)
     state = load_file(tmp_path / "z" / "model.safetensors")
     state["model.layers.6.self_attn.o_proj.weight"] += 0.01
     (tmp_path / "trained").mkdir()
