@@ -22,9 +22,10 @@ Environment variables, read at each call:
 `LLAMAPRO_ENGINE` — `clone`, `direct` or `buffered` forces that engine (`clone` where the filesystem
 refuses it is an output error; `direct` falls back to buffered where `O_DIRECT` is refused);
 `LLAMAPRO_DIRECT_IO` — `1` / `0`, the older switch: as `LLAMAPRO_ENGINE=direct` / `buffered`;
-`LLAMAPRO_COPY_CHUNK` — bytes per copy chunk (default 64 MiB buffered, 8 MiB direct, where it is
-rounded up to 4 KiB), so a small copy takes many chunks; `LLAMAPRO_IO_BUFFERS` — buffers in the direct
-engine's ring (default 6; memory is buffers × chunk); `LLAMAPRO_TEST_CHUNK_DELAY` — seconds to sleep
+`LLAMAPRO_COPY_CHUNK` — bytes per copy chunk (default 64 MiB buffered, 8 MiB direct, 16 MiB for the
+clone engine's digest reads; rounded up to 4 KiB), so a small copy takes many chunks;
+`LLAMAPRO_IO_BUFFERS` — buffers in the direct engine's ring (default 6, 4 for digest reads; memory is
+buffers × chunk); `LLAMAPRO_TEST_CHUNK_DELAY` — seconds to sleep
 after each chunk, so a test can interrupt a copy mid-way.
 
 Invariant: a file at `path` is either complete and fsynced or absent; sources are only ever opened
@@ -55,6 +56,10 @@ DEFAULT_CHUNK = 64 * 1024 * 1024
 DIRECT_CHUNK = 8 * 1024 * 1024
 DIRECT_BUFFERS = 6  # 48 MiB in flight: as fast as 4 x 16 MiB or 2 x 64 MiB here (docs/performance.md)
 DIRECT_MIN = 64 * 1024 * 1024  # below this, page-cache I/O is as fast and the files are read back soon
+# The clone engine's --digests pass only reads: two readers of 2 x 16 MiB (64 MiB in flight) kept pace
+# with `dd iflag=direct` on a 7B input here, where 2 x 3 x 8 MiB read 10-15 % slower (docs/performance.md).
+HASH_CHUNK = 16 * 1024 * 1024
+HASH_BUFFERS = 4
 
 
 class Engine(StrEnum):
@@ -145,11 +150,11 @@ class _Job:
             return None
         if not self.digests:
             return {}
-        buffers = int(os.environ.get("LLAMAPRO_IO_BUFFERS") or DIRECT_BUFFERS)
+        buffers = int(os.environ.get("LLAMAPRO_IO_BUFFERS") or HASH_BUFFERS)
         return hash_sources(
             self.tensors,
             self.known,
-            chunk=_chunk(DIRECT_CHUNK),
+            chunk=_chunk(HASH_CHUNK),
             buffers=buffers,
             progress=self.progress,
             delay=self.delay,
