@@ -44,6 +44,9 @@ def _record(twice_expanded: Path) -> dict[str, Any]:
     return doc
 
 
+_ENTRY = {"path": [], "values": {"x": 1}, "absent": []}
+
+
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
@@ -60,6 +63,16 @@ def _record(twice_expanded: Path) -> dict[str, Any]:
         (lambda d: d.update(parent=5), "digests or parent"),
         (lambda d: d.update(zeroed="x"), "zeroed"),
         (lambda d: d.update(command=["rm"]), "command is not a string"),
+        (lambda d: d.update(config_replaced={"path": []}), "config_replaced is not a list"),
+        (lambda d: d.update(config_replaced=[[]]), r"config_replaced\[0\] is not an object of exactly"),
+        (lambda d: d.update(config_replaced=[{**_ENTRY, "extra": 1}]), "is not an object of exactly"),
+        (lambda d: d.update(config_replaced=[{**_ENTRY, "path": "text_config"}]), "path is not a list"),
+        (lambda d: d.update(config_replaced=[{**_ENTRY, "values": [1]}]), "values is not an object"),
+        (lambda d: d.update(config_replaced=[{**_ENTRY, "absent": [1]}]), "absent is not a list"),
+        (lambda d: d.update(config_replaced=[{**_ENTRY, "absent": ["a", "a"]}]), "distinct key names"),
+        (lambda d: d.update(config_replaced=[{**_ENTRY, "absent": ["x"]}]), "both in values and in absent"),
+        (lambda d: d.update(config_replaced=[_ENTRY, _ENTRY]), "lists one path twice"),
+        (lambda d: d["parent"].update(config_replaced=5), "config_replaced is not a list"),
     ],
 )
 def test_malformed_records_are_refused_with_the_reason(
@@ -75,3 +88,23 @@ def test_unknown_keys_are_kept_on_rewrite(twice_expanded: Path) -> None:
     doc = _record(twice_expanded)
     doc["written_by_a_later_version"] = {"x": 1}
     assert Provenance.from_json(doc).to_json() == doc
+
+
+def test_config_replaced_round_trips_and_sits_after_zeroed(twice_expanded: Path) -> None:
+    """The base's replaced config values: typed, written back byte for byte, in their place in the record
+    (omitted when the rewrite changed only the layer count, as on this Llama: the v1 bytes stay)."""
+    doc = _record(twice_expanded)
+    assert "config_replaced" not in doc
+    entries = [
+        {"path": [], "values": {"quantization_config": {"ignore": ["model.layers.1.mlp"]}}, "absent": []},
+        {"path": ["text_config"], "values": {"max_window_layers": 3, "z": None}, "absent": ["layer_types"]},
+    ]
+    keys = list(doc)
+    at = keys.index("zeroed") + 1
+    doc = {k: doc[k] for k in keys[:at]} | {"config_replaced": entries} | {k: doc[k] for k in keys[at:]}
+    record = Provenance.from_json(doc)
+    assert record.config_replaced[1].path == ("text_config",)
+    assert record.config_replaced[1].values == (("max_window_layers", 3), ("z", None))
+    assert record.config_replaced[1].absent == ("layer_types",)
+    assert json.dumps(record.to_json()) == json.dumps(doc)
+    assert Provenance.from_json(record.to_json()) == record

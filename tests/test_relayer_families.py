@@ -253,6 +253,20 @@ def test_base_values_are_recorded_per_object_and_put_back_there(
     assert new == config and _key_order(new) == _key_order(config)
 
 
+def test_the_undo_map_spelled_out_gets_the_base_config_too(tiny_model: TinyModel, tmp_path: Path) -> None:
+    """--drop or --layers naming exactly the copies the last run added is the same undo; a map that
+    keeps one of them is another model, and its config keeps the explicit form."""
+    base, pro = _expanded(tiny_model, tmp_path, "qwen2_moe", "legacy")  # 9 layers, copies at 2, 5, 8
+    old = json.loads((base / "config.json").read_text())
+    for name, option in (("drop", {"drop": "2,5,8"}), ("layers", {"layers": "0-1,3-4,6-7"})):
+        relayer(pro, tmp_path / name, **option)  # type: ignore[arg-type]
+        assert json.loads((tmp_path / name / "config.json").read_text()) == old, name
+    report = relayer(pro, tmp_path / "other", drop="2,5")
+    other = json.loads((tmp_path / "other" / "config.json").read_text())
+    assert other["decoder_sparse_step"] == 1 and "layer_types" in other
+    assert not any("config" in w for w in report.warnings)
+
+
 def test_an_undo_of_a_record_without_base_values_keeps_the_explicit_form(
     tiny_model: TinyModel, tmp_path: Path
 ) -> None:
