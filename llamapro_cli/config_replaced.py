@@ -10,7 +10,7 @@ config.json value for value (`put_back()`), even where the base left per-layer f
 
 Invariant: `put_back(new, replaced_keys(old, new, path, count))` equals `old` in every key but the
 count, in key order too where the rewrite kept a key in place (it never moves one); values are compared
-as JSON (`1`, `1.0` and `true` differ). `replaced_from_json([x.to_json() ...]) == (x, ...)`.
+as JSON (`1`, `1.0` and `true` differ). `replaced_from_json` reads back exactly what `to_json` wrote.
 Must not: read files, know about families (the caller passes the path and the count key), or import
 anything of this package.
 """

@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from llamapro_cli.config_replaced import put_back, replaced_keys
 from llamapro_cli.expand import expand
 from llamapro_cli.provenance import Provenance, RecordError
 
@@ -108,3 +111,43 @@ def test_config_replaced_round_trips_and_sits_after_zeroed(twice_expanded: Path)
     assert record.config_replaced[1].absent == ("layer_types",)
     assert json.dumps(record.to_json()) == json.dumps(doc)
     assert Provenance.from_json(record.to_json()) == record
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
+_objects = st.dictionaries(st.sampled_from("abcdefgh"), _values, max_size=6)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(
+    old=_objects,
+    inner=_objects,
+    edits=_objects,
+    inner_edits=_objects,
+    drop=st.sets(st.sampled_from("abcdefgh")),
+)
+def test_put_back_undoes_any_rewrite_but_the_count(
+    old: dict[str, Any],
+    inner: dict[str, Any],
+    edits: dict[str, Any],
+    inner_edits: dict[str, Any],
+    drop: set[str],
+) -> None:
+    """Whatever a rewrite changes, adds or removes, at the top and in `text_config`: the recorded values
+    put back give the original, key order included where no key was removed; only the count stays."""
+    base = {**old, "text_config": {**inner, "n": 4}}
+    new = {k: v for k, v in {**base, **edits}.items() if k not in drop}
+    new["text_config"] = {
+        k: v for k, v in {**base["text_config"], **inner_edits, "n": 6}.items() if k not in drop
+    }
+    replaced = replaced_keys(base, new, ("text_config",), "n")
+    assert all(key != "n" for entry in replaced for key, _ in entry.values)
+    back = put_back(new, replaced)
+    assert back["text_config"].pop("n") == 6
+    want = {**base, "text_config": {k: v for k, v in base["text_config"].items() if k != "n"}}
+    assert json.dumps(back, sort_keys=True) == json.dumps(want, sort_keys=True)
+    if not drop & set(base) and not drop & set(base["text_config"]):
+        assert json.dumps(back) == json.dumps(want)  # key order too
