@@ -6,6 +6,8 @@ one is written, so every reader works with typed fields and nobody reads the rec
 re-expansion nests the previous record as `parent`; `generations()` walks them, newest first. Schema v2
 differs from v1 only in its plan, `{"kind": "layers", "spec": SPEC}`, whose layers may repeat, drop or
 reorder the source's: a v1 reader assumes every source layer once and in order, so it must not take one.
+Both may carry `config_replaced` (the input's values of the config keys the run rewrote), written only
+when the rewrite changed more than the layer count; older readers keep it as an unknown key.
 
 Invariant: `from_json(p.to_json()) == p`, and `to_json()` keeps the v1 key order and values, so the bytes
 on disk are exactly schema v1 (v2 for a `layers` plan). Keys a later or foreign writer added are kept
@@ -19,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llamapro_cli.config_replaced import ReplacedKeys, replaced_from_json
 from llamapro_cli.plan import ExpansionPlan, NewLayer, PlanKind
 
 SCHEMA_VERSION = 1
@@ -95,6 +98,9 @@ class Provenance:
     layer_prefix: str | None = None
     num_layers: int | None = None
     zeroed: tuple[str, ...] = ()
+    # The config keys this run's rewrite changed, with the input's values (config_replaced.py); `()`
+    # when only the layer count changed, and then not written, so such records keep their v1 bytes.
+    config_replaced: tuple[ReplacedKeys, ...] = ()
     digests: Digests | None = None
     parent: Provenance | None = None
     extra: tuple[tuple[str, Any], ...] = ()
@@ -146,11 +152,15 @@ class Provenance:
             "num_layers": self.num_layers,
             "layers": [{"index": x.index, "source": x.source, "identity": x.identity} for x in self.layers],
             "zeroed": list(self.zeroed),
-            "digests": None
-            if self.digests is None
-            else {"algorithm": self.digests.algorithm, "tensors": dict(self.digests.tensors or {})},
-            "parent": None if self.parent is None else self.parent.to_json(),
         }
+        if self.config_replaced:
+            doc["config_replaced"] = [entry.to_json() for entry in self.config_replaced]
+        doc["digests"] = (
+            None
+            if self.digests is None
+            else {"algorithm": self.digests.algorithm, "tensors": dict(self.digests.tensors or {})}
+        )
+        doc["parent"] = None if self.parent is None else self.parent.to_json()
         doc.update(self.extra)
         return doc
 
@@ -181,6 +191,7 @@ _KNOWN = (
     "num_layers",
     "layers",
     "zeroed",
+    "config_replaced",
     "digests",
     "parent",
 )
@@ -210,6 +221,7 @@ def _generation(doc: Any) -> Provenance:
         num_layers=_optional(doc, "num_layers", int),
         layers=tuple(NewLayer(x["index"], x["source"], x["identity"]) for x in layers),
         zeroed=_names(doc.get("zeroed")),
+        config_replaced=_replaced(doc.get("config_replaced")),
         digests=_digests(doc.get("digests")),
         parent=None if doc.get("parent") is None else _generation(doc["parent"]),
         extra=tuple((k, v) for k, v in doc.items() if k not in _KNOWN),
@@ -255,6 +267,15 @@ def _digests(value: dict[str, Any] | None) -> Digests | None:
     if not isinstance(tensors, dict):
         return Digests(algorithm=str(algorithm), tensors=None)
     return Digests(algorithm=str(algorithm), tensors={str(k): str(v) for k, v in tensors.items()})
+
+
+def _replaced(value: Any) -> tuple[ReplacedKeys, ...]:
+    if value is None:
+        return ()
+    try:
+        return replaced_from_json(value)
+    except ValueError as e:
+        raise RecordError(str(e)) from None
 
 
 def _names(value: Any) -> tuple[str, ...]:

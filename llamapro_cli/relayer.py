@@ -5,9 +5,12 @@ layer but those) and `--drop-new` (every layer but the zeroed copies the input's
 last run added: undoing an untrained expansion gives back the base's tensors byte for byte).
 `surgery.execute` does the rest, exactly as for `expand`; the config's per-layer fields are remapped so
 each output layer behaves like its source, and a map the family's config cannot express is refused
-(`architectures/rewrite.py`) before a byte is written.
+(`architectures/rewrite.py`) before a byte is written. A map that drops exactly what the last run added
+also gets the base's config.json back (`base_config`): the record's `config_replaced` values put back,
+accepted only when the recorded run, replayed on them, gives exactly the input's config.json.
 
-Invariant: exactly one of the three map options makes the plan; the input is never modified.
+Invariant: exactly one of the three map options makes the plan; the input is never modified; the base's
+config values are written only when they provably are the base's of this very config.json.
 Must not: print, import torch or transformers.
 """
 
@@ -15,10 +18,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from llamapro_cli.architectures.registry import family_for, num_layers
+from llamapro_cli.architectures.rewrite import rewrite_config
 from llamapro_cli.checkpoint import Checkpoint
-from llamapro_cli.errors import InputError, UsageError
+from llamapro_cli.config_replaced import ReplacedKeys, put_back, replaced_keys, same
+from llamapro_cli.errors import InputError, LlamaproError, UsageError
 from llamapro_cli.io.files import PROVENANCE_NAME
 from llamapro_cli.layer_map import Entry, parse_drop, parse_spec
 from llamapro_cli.plan import ExpansionPlan, plan_map
@@ -61,6 +69,9 @@ def relayer(
         raise UsageError(message, hint=MAP_OPTIONS + ", e.g. --layers 0-23,8-31")
     ckpt, out_path = open_source(source, out, revision)
     plan = relayer_plan(ckpt, layers=layers, drop=drop, drop_new=drop_new)
+    config, warning = base_config(ckpt, plan)
+    if warning:
+        plan = replace(plan, warnings=(*plan.warnings, warning))
     return execute(
         ckpt,
         plan,
@@ -73,6 +84,7 @@ def relayer(
         progress=progress,
         command=command,
         hub_repo_id=hub_repo_id,
+        config=config,
     )
 
 
@@ -120,3 +132,63 @@ def _without_new_layers(ckpt: Checkpoint) -> tuple[Entry, ...]:
             hint="name the layers to drop: --drop I,J",
         )
     return tuple((j, False) for j in range(ckpt.num_layers) if j not in new)
+
+
+def base_config(ckpt: Checkpoint, plan: ExpansionPlan) -> tuple[dict[str, Any] | None, str | None]:
+    """The config.json of the input's base when `plan` drops exactly the copies the input's last run
+    added to it (`--drop-new`, or the same map spelled otherwise); None where the plan is another map
+    or nothing proves the values, with a warning when the config keeps the rewrite's explicit form."""
+    record = ckpt.provenance
+    try:
+        made = None if record is None else record.expansion_plan()
+    except ValueError:
+        return None, None  # `--drop-new` says so; any other map does not need the record
+    if record is None or made is None or not made.is_identity_map or made.num_layers_out != ckpt.num_layers:
+        return None, None
+    new = set(made.new_indices)
+    if [(x.source, x.identity) for x in plan.layers] != [
+        (j, False) for j in range(ckpt.num_layers) if j not in new
+    ]:
+        return None, None
+    family = ckpt.family
+    undone, _ = rewrite_config(family, ckpt.config, plan)
+    kept = replaced_keys(undone, ckpt.config, family.config_path, family.count_key)
+    keys = ", ".join(sorted({key for e in kept for key in (*(k for k, _ in e.values), *e.absent)}))
+    where = ckpt.root / PROVENANCE_NAME
+    if not record.config_replaced:
+        why = f"{where} does not record the base's config values (an older llamapro wrote it)"
+        return None, _explicit(why, keys) if keys else None
+    config = _replayed(ckpt, made, record.config_replaced)
+    if config is None:
+        why = (
+            f"{where}: the base config values it records, replayed through its expansion, do not give "
+            "this config.json (edited since?)"
+        )
+        return None, _explicit(why, keys or "the per-layer fields")
+    return config, None
+
+
+def _replayed(
+    ckpt: Checkpoint, made: ExpansionPlan, replaced: Sequence[ReplacedKeys]
+) -> dict[str, Any] | None:
+    """The recorded values put back into the input's config, when the recorded run turns them into
+    exactly the input's config.json again (None otherwise): the base's config, provably."""
+    family = ckpt.family
+    try:
+        config = put_back(ckpt.config, replaced)
+        sub = family.sub_config(config)
+        if isinstance(sub, dict) and family.count_key in sub:
+            sub[family.count_key] = made.num_layers_in
+        if family_for(config).name != family.name or num_layers(family, config) != made.num_layers_in:
+            return None
+        replay, _ = rewrite_config(family, config, made)
+    except (ValueError, LlamaproError):
+        return None
+    return config if same(replay, ckpt.config) else None
+
+
+def _explicit(why: str, keys: str) -> str:
+    return (
+        f"{why}: {keys} are remapped as they stand, so per-layer fields the base left to a formula stay "
+        "explicit (the same per-layer behaviour, not necessarily the base's config.json)"
+    )

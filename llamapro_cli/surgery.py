@@ -28,6 +28,7 @@ from llamapro_cli.architectures.rewrite import rewrite_config
 from llamapro_cli.card import CardFacts, read_card_source, write_model_card
 from llamapro_cli.checkpoint import Checkpoint
 from llamapro_cli.companions import carried_size, carry, companions
+from llamapro_cli.config_replaced import replaced_keys
 from llamapro_cli.errors import InputError
 from llamapro_cli.folder import within_checkpoint
 from llamapro_cli.io.files import INDEX_NAME, PROVENANCE_NAME
@@ -110,14 +111,17 @@ def execute(
     progress: Progress | None = None,
     command: str | None = None,
     hub_repo_id: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> ExpandReport:
     """Write `plan` applied to `ckpt` into `out_path` (or, with `dry_run`, only say what would be written).
 
     `started`: the caller's `time.monotonic()` when it began (the report's time includes the plan).
     `hub_repo_id`: the repo the output will be pushed to, so the model card's commands name it.
+    `config`: the config.json to write instead of the rewrite's (`relayer`'s exact undo of an
+    expansion); the rewrite still runs, so its refusals and warnings stand.
     """
     check_disjoint(ckpt.root, out_path)  # the folder a repo id resolved to, too (hub cache links)
-    job = prepare(ckpt, plan, out_path, parse_size(max_shard_size), command)
+    job = prepare(ckpt, plan, out_path, parse_size(max_shard_size), command, config)
     notes: list[str] = []  # leftovers of killed runs found beside --out (outdir's sweep)
     engines: dict[str, str] = {}  # shard name -> the engine that wrote it
     if not dry_run:
@@ -228,8 +232,15 @@ def _card_facts(job: Job, *, digests: bool, hub_repo_id: str | None) -> CardFact
     )
 
 
-def prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, command: str | None) -> Job:
-    config, config_warnings = rewrite_config(ckpt.family, ckpt.config, plan)
+def prepare(
+    ckpt: Checkpoint,
+    plan: ExpansionPlan,
+    out: Path,
+    max_shard: int,
+    command: str | None,
+    config: dict[str, Any] | None = None,
+) -> Job:
+    rewritten, config_warnings = rewrite_config(ckpt.family, ckpt.config, plan)
     tensors, zeroed = _tensor_ops(ckpt, plan)
     shards = split_shards(tensors, max_shard)
     found = companions(ckpt.root)
@@ -241,7 +252,7 @@ def prepare(ckpt: Checkpoint, plan: ExpansionPlan, out: Path, max_shard: int, co
         ckpt=ckpt,
         plan=plan,
         out=out,
-        config=config,
+        config=rewritten if config is None else config,
         shards=shards,
         zeroed=tuple(zeroed),
         carried=found.carried,
@@ -362,5 +373,8 @@ def _provenance(job: Job) -> Provenance:
         num_layers=plan.num_layers_out,
         layers=plan.layers,
         zeroed=job.zeroed,
+        config_replaced=replaced_keys(
+            ckpt.config, job.config, ckpt.family.config_path, ckpt.family.count_key
+        ),
         parent=ckpt.provenance,
     )

@@ -52,6 +52,7 @@ from llamapro_cli.expand import expand
 from llamapro_cli.io.header import DTYPE_BITS, read_header, tensor_nbytes
 from llamapro_cli.io.manifest import MANIFEST, first_foreign, remove_owned, write_manifest
 from llamapro_cli.plan import plan_expansion
+from llamapro_cli.relayer import relayer
 
 CAMPAIGN = os.environ.get("LLAMAPRO_FUZZ_EXAMPLES")
 EXAMPLES = int(CAMPAIGN or 100)
@@ -274,10 +275,34 @@ def config_mutation(draw: st.DrawFn) -> bytes:
     return json.dumps(config).encode()
 
 
+_CONFIG_KEYS = st.sampled_from(
+    [
+        "num_hidden_layers",
+        "model_type",
+        "layer_types",
+        "max_window_layers",
+        "use_sliding_window",
+        "text_config",
+    ]
+)
+# `config_replaced` entries: mostly well-formed, so that `--drop-new` puts hostile values back and
+# replays the expansion on them (they must fall back with a warning, or stop with our error).
+replaced_entries = st.lists(
+    st.fixed_dictionaries(
+        {
+            "path": st.lists(st.sampled_from(["text_config", "quantization_config"]), max_size=2),
+            "values": st.dictionaries(_CONFIG_KEYS, json_values, max_size=3),
+            "absent": st.lists(_CONFIG_KEYS, max_size=2),
+        }
+    ),
+    max_size=2,
+)
+
+
 @st.composite
 def provenance_mutation(draw: st.DrawFn) -> bytes:
     record: Any = json.loads(json.dumps(PROVENANCE))
-    target = draw(st.sampled_from(["record", "source", "layer", "parent", "whole"]))
+    target = draw(st.sampled_from(["record", "source", "layer", "parent", "whole", "replaced"]))
     key = draw(
         st.sampled_from(["layers", "source", "plan", "digests", "parent", "schema_version", "num_layers"])
     )
@@ -292,6 +317,8 @@ def provenance_mutation(draw: st.DrawFn) -> bytes:
         )
     elif target == "parent":
         record["parent"] = {**json.loads(json.dumps(PROVENANCE)), key: value}
+    elif target == "replaced":
+        record["config_replaced"] = draw(replaced_entries | json_values)
     else:
         record = value
     return json.dumps(record).encode()
@@ -339,6 +366,8 @@ def read_folder(files: dict[str, bytes]) -> str:
                     render_inspect(report)
                 # The plan and the config rewrite see the same config: a dry run writes nothing.
                 expand(ckpt, root.with_name(root.name + "-out"), every=1, dry_run=True)
+                if ckpt.provenance is not None:  # the undo reads the record's base config values
+                    relayer(ckpt, root.with_name(root.name + "-undo"), drop_new=True, dry_run=True)
             except LlamaproError as e:
                 assert e.message and "\n" not in e.message
                 return e.message

@@ -247,6 +247,23 @@ def test_drop_new_gives_back_the_base_byte_for_byte(
     )
     record = Provenance.from_json(json.loads((tmp_path / "undo" / "llamapro.json").read_text()))
     assert record.plan.spec == "0-1,3-4" and record.parent is not None and record.parent.plan.kind == "every"
+    # Only the layer count changed either way: no base values to record, no warning about them.
+    assert record.config_replaced == () and record.parent.config_replaced == ()
+    assert "config" not in result.stderr
+
+
+def test_a_malformed_record_of_base_config_values_is_refused(pro: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(pro, bad)
+    record = json.loads((bad / "llamapro.json").read_text())
+    record["config_replaced"] = [{"path": [], "values": {"num_hidden_layers": 4}, "absent": "layer_types"}]
+    (bad / "llamapro.json").write_text(json.dumps(record))
+    before = folder_digest(bad)
+    result = run("relayer", "--in", bad, "--out", tmp_path / "undo", "--drop-new")
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "config_replaced[0].absent is not a list of distinct key names" in result.stderr
+    assert not (tmp_path / "undo").exists() and folder_digest(bad) == before
 
 
 def test_drop_new_undoes_only_the_latest_expansion(pro: Path, tmp_path: Path) -> None:

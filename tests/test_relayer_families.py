@@ -172,44 +172,146 @@ def _tensors(path: Path) -> dict[str, bytes]:
     return {name: ckpt.read_bytes(name) for name in ckpt.tensor_names()}
 
 
-# (family, variant, expand options, the config keys the expansion had to write explicitly). A config that
-# lists its per-layer fields (what transformers saves) comes back value for value; one that left them to
-# a formula gets them back as explicit lists with the same values (the base's bytes are not recorded).
-UNDO = [
-    ("llama", "sharded", {"every": 2}, set()),  # several input shards
-    ("qwen2", "sliding", {"every": 2}, set()),
-    ("gemma2", "default", {"every": 2}, set()),
-    ("deepseek_v3", "default", {"after": [1, 4]}, set()),
-    ("jamba", "default", {"every": 2, "copies": 2}, set()),  # whole periods only
-    ("gemma2", "legacy", {"every": 2}, {"layer_types"}),
-    ("qwen2_moe", "default", {"every": 2}, {"decoder_sparse_step", "mlp_only_layers"}),
-    ("nemotron_h", "legacy", {"every": 3}, {"layers_block_type"}),
-]
+def _key_order(value: object) -> object:
+    """Every object's keys in order, all the way down (dict equality ignores order)."""
+    if isinstance(value, dict):
+        return [(k, _key_order(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [_key_order(v) for v in value]
+    return None
 
 
-@pytest.mark.parametrize(
-    ("family", "variant", "plan", "explicit"),
-    [pytest.param(*case, id=f"{case[0]}-{case[1]}") for case in UNDO],
-)
-def test_drop_new_undoes_an_expansion_byte_for_byte(
-    tiny_model: TinyModel,
-    tmp_path: Path,
-    family: str,
-    variant: str,
-    plan: dict[str, object],
-    explicit: set[str],
-) -> None:
+# Every family with per-layer fields, legacy forms included (lists left to a formula, Qwen-MoE's
+# decoder_sparse_step set to 1 by the rewrite, Llama 4's text_config), plus a sharded Llama. Expanded
+# with --every 2 unless the family needs otherwise; whole periods for Jamba's index arithmetic.
+UNDO = [("llama", "sharded"), *CASES, ("llama4", "legacy"), ("jamba", "default")]
+UNDO_PLANS: dict[str, dict[str, object]] = {
+    "deepseek_v2": {"after": [1, 4]},  # the dense layers 0, 1 stay a prefix
+    "deepseek_v3": {"after": [1, 4]},
+    "jamba": {"every": 2, "copies": 2},
+    "nemotron_h": {"every": 3},
+}
+
+
+def _expanded(tiny_model: TinyModel, tmp_path: Path, family: str, variant: str) -> tuple[Path, Path]:
     from llamapro_cli.expand import expand
 
     base = tiny_model(family, variant)
+    plan = UNDO_PLANS.get(family, {"every": 2})
     expand(base, tmp_path / "pro", max_shard_size="100KB", **plan)  # type: ignore[arg-type]
-    relayer(tmp_path / "pro", tmp_path / "undo", drop_new=True)
+    return base, tmp_path / "pro"
+
+
+@pytest.mark.parametrize(("family", "variant"), [pytest.param(f, v, id=f"{f}-{v}") for f, v in UNDO])
+def test_drop_new_undoes_an_expansion_byte_for_byte(
+    tiny_model: TinyModel, tmp_path: Path, family: str, variant: str
+) -> None:
+    """Every tensor and the whole config.json come back: values, and key order at every depth, even
+    where the base left per-layer fields to a formula and the expansion wrote them out."""
+    base, pro = _expanded(tiny_model, tmp_path, family, variant)
+    report = relayer(pro, tmp_path / "undo", drop_new=True)
     assert _tensors(tmp_path / "undo") == _tensors(base)
     old = json.loads((base / "config.json").read_text())
     new = json.loads((tmp_path / "undo" / "config.json").read_text())
-    assert {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)} == explicit
+    assert new == old
+    assert _key_order(new) == _key_order(old)
+    assert not any("config" in w for w in report.warnings), report.warnings
+    expanded = json.loads((pro / "config.json").read_text())
+    record = json.loads((pro / "llamapro.json").read_text())
+    changed = {k for k in old.keys() | expanded.keys() if old.get(k) != expanded.get(k)}
+    # Written only when the rewrite changed more than the layer count: llama records keep their v1 bytes.
+    assert ("config_replaced" in record) == (changed - {"num_hidden_layers"} != set()), changed
+
+
+def test_base_values_are_recorded_per_object_and_put_back_there(
+    tiny_model: TinyModel, tmp_path: Path
+) -> None:
+    """A multimodal config: the per-layer fields live in text_config, the layer-indexed quantization
+    names at the top level. Each object's replaced keys are recorded under its own path, and the undo
+    gives back both objects exactly."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("llama4", "legacy"), base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "modules_to_not_convert": ["language_model.model.layers.3.feed_forward.router", "vision_model"],
+    }
+    (base / "config.json").write_text(json.dumps(config, indent=2))
+    from llamapro_cli.expand import expand
+
+    expand(base, tmp_path / "pro", every=2)
+    record = json.loads((tmp_path / "pro" / "llamapro.json").read_text())
+    replaced = {tuple(entry["path"]): entry for entry in record["config_replaced"]}
+    assert replaced[()] == {
+        "path": [],
+        "values": {"quantization_config": config["quantization_config"]},
+        "absent": [],
+    }
+    assert set(replaced[("text_config",)]["absent"]) == {"layer_types", "no_rope_layers", "moe_layers"}
+    relayer(tmp_path / "pro", tmp_path / "undo", drop_new=True)
+    new = json.loads((tmp_path / "undo" / "config.json").read_text())
+    assert new == config and _key_order(new) == _key_order(config)
+
+
+def test_the_undo_map_spelled_out_gets_the_base_config_too(tiny_model: TinyModel, tmp_path: Path) -> None:
+    """--drop or --layers naming exactly the copies the last run added is the same undo; a map that
+    keeps one of them is another model, and its config keeps the explicit form."""
+    base, pro = _expanded(tiny_model, tmp_path, "qwen2_moe", "legacy")  # 9 layers, copies at 2, 5, 8
+    old = json.loads((base / "config.json").read_text())
+    for name, option in (("drop", {"drop": "2,5,8"}), ("layers", {"layers": "0-1,3-4,6-7"})):
+        relayer(pro, tmp_path / name, **option)  # type: ignore[arg-type]
+        assert json.loads((tmp_path / name / "config.json").read_text()) == old, name
+    report = relayer(pro, tmp_path / "other", drop="2,5")
+    other = json.loads((tmp_path / "other" / "config.json").read_text())
+    assert other["decoder_sparse_step"] == 1 and "layer_types" in other
+    assert not any("config" in w for w in report.warnings)
+
+
+def test_an_undo_of_a_record_without_base_values_keeps_the_explicit_form(
+    tiny_model: TinyModel, tmp_path: Path
+) -> None:
+    """A record written before llamapro kept the base's values (no `config_replaced`) still undoes the
+    expansion: same tensors, same per-layer behaviour, the lists the expansion wrote kept explicit, and a
+    warning that says so."""
+    base, pro = _expanded(tiny_model, tmp_path, "qwen2", "sliding_legacy")
+    record = json.loads((pro / "llamapro.json").read_text())
+    del record["config_replaced"]
+    (pro / "llamapro.json").write_text(json.dumps(record, indent=2))
+    result = CliRunner().invoke(
+        app, ["relayer", "--in", str(pro), "--out", str(tmp_path / "u"), "--drop-new"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "does not record the base's config values" in result.stderr
+    assert _tensors(tmp_path / "u") == _tensors(base)
+    old = json.loads((base / "config.json").read_text())
+    new = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)} == {"layer_types"}
     fam = family_for(old)
     assert layer_kinds(fam, new) == layer_kinds(fam, old)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c: c.update(max_window_layers=2),  # a per-layer key edited after the expansion
+        lambda c: c["layer_types"].reverse(),
+    ],
+)
+def test_base_values_that_do_not_replay_to_the_config_are_not_put_back(
+    tiny_model: TinyModel, tmp_path: Path, edit: Callable[[dict[str, object]], None]
+) -> None:
+    """The recorded values are put back only when the recorded expansion, replayed on them, gives this
+    very config.json; otherwise the undo remaps the config as it stands, and says why."""
+    _, pro = _expanded(tiny_model, tmp_path, "qwen2", "sliding_legacy")
+    config = json.loads((pro / "config.json").read_text())
+    edit(config)
+    (pro / "config.json").write_text(json.dumps(config, indent=2))
+    report = relayer(pro, tmp_path / "u", drop_new=True)
+    assert any("do not give this config.json (edited since?)" in w for w in report.warnings)
+    new = json.loads((tmp_path / "u" / "config.json").read_text())
+    fam = family_for(new)
+    keep = [j for j in range(len(config["layer_types"])) if j not in (2, 5, 8)]  # --every 2 on 6 layers
+    assert layer_kinds(fam, new) == [layer_kinds(fam, config)[j] for j in keep]  # type: ignore[index]
 
 
 def test_mtp_layers_move_to_just_after_the_new_last_layer(tiny_model: TinyModel, tmp_path: Path) -> None:

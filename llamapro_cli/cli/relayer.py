@@ -83,8 +83,8 @@ def relayer(
     """Repeat, drop or reorder decoder layers: any layer map, with the config's per-layer fields remapped.
 
     Depth up-scaling (SOLAR), layer repetition, pruning, and undoing an expansion (--drop-new gives back
-    the base's tensors byte for byte). Same engine, atomic output, carried files, model card and
-    llamapro.json record as expand; the input is never modified.
+    the base byte for byte: its tensors and its config.json). Same engine, atomic output, carried files,
+    model card and llamapro.json record as expand; the input is never modified.
     """
     from llamapro_cli.relayer import relayer as run_relayer
 
