@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llamapro_cli.io.direct import DirectWriter
@@ -40,11 +41,9 @@ def hash_sources(
     """{name: sha256 hex} of every tensor; reads and hashes the ranges not in `known`, and adds them."""
     fresh = sorted({key for t in tensors if (key := digest_key(t)) is not None and key not in known})
     progress = _serialised(progress)  # two readers may report at once
+    how = _Reading(chunk, buffers, progress, delay, files)
     for source in dict.fromkeys(path for path, _, _ in fresh):
-        keys = [key for key in fresh if key[0] == source]
-        _hash_file(
-            source, keys, known, chunk=chunk, buffers=buffers, progress=progress, delay=delay, files=files
-        )
+        _hash_file(source, [key for key in fresh if key[0] == source], known, how)
     out = {}
     for t in tensors:
         key = digest_key(t)
@@ -54,39 +53,42 @@ def hash_sources(
     return out
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """How one reader reads: its ring (`buffers` of `chunk` bytes) and what it reports to."""
+
+    chunk: int
+    buffers: int
+    progress: Callable[[int], None] | None
+    delay: float
+    files: SourceFiles | None
+
+
 def _hash_file(
-    source: Path,
-    keys: list[DigestKey],
-    known: MutableMapping[DigestKey, str],
-    *,
-    chunk: int,
-    buffers: int,
-    progress: Callable[[int], None] | None,
-    delay: float,
-    files: SourceFiles | None,
+    source: Path, keys: list[DigestKey], known: MutableMapping[DigestKey, str], how: _Reading
 ) -> None:
     """Hash `keys` (ranges of `source`, in offset order) into `known`: two readers side by side when
     there is more than one core and enough bytes for both, else one."""
     halves = _halves(keys) if (os.cpu_count() or 1) > 1 else [keys]
     if len(halves) == 1:
-        _read_and_hash(source, keys, known, chunk, buffers, progress, delay, files)
+        _read_and_hash(source, keys, known, how)
         return
-    if files is not None:  # open the descriptors here, not racing in two threads
-        files.fd(source)
-        files.direct_fd(source)
-    each = max(2, buffers // 2)  # the same memory as one reader
+    if how.files is not None:  # open the descriptors here, not racing in two threads
+        how.files.fd(source)
+        how.files.direct_fd(source)
+    each = replace(how, buffers=max(2, how.buffers // 2))  # the same memory as one reader
     failed: list[BaseException] = []
 
     def second() -> None:
         try:
-            _read_and_hash(source, halves[1], known, chunk, each, progress, delay, files)
+            _read_and_hash(source, halves[1], known, each)
         except BaseException as e:  # raised again in the calling thread
             failed.append(e)
 
     helper = threading.Thread(target=second, daemon=True)
     helper.start()
     try:
-        _read_and_hash(source, halves[0], known, chunk, each, progress, delay, files)
+        _read_and_hash(source, halves[0], known, each)
     finally:
         while helper.is_alive():  # a timeout, so that signal handlers run while we wait
             helper.join(0.2)
@@ -112,21 +114,21 @@ def _halves(keys: list[DigestKey]) -> list[list[DigestKey]]:
 
 
 def _read_and_hash(
-    source: Path,
-    keys: list[DigestKey],
-    known: MutableMapping[DigestKey, str],
-    chunk: int,
-    buffers: int,
-    progress: Callable[[int], None] | None,
-    delay: float,
-    files: SourceFiles | None,
+    source: Path, keys: list[DigestKey], known: MutableMapping[DigestKey, str], how: _Reading
 ) -> None:
     # The ranges as the tensors of a file written nowhere, after a lead-in that gives the first range
     # its source phase: adjacent ranges coalesce into one run read straight into place with O_DIRECT.
     ranges = [OutTensor(str(index), "U8", (n,), source, offset) for index, (_, offset, n) in enumerate(keys)]
     lead_in = bytes(keys[0][1] % ALIGN)
     reader = DirectWriter(
-        -1, source, chunk=chunk, buffers=buffers, digests=True, progress=progress, delay=delay, files=files
+        -1,
+        source,
+        chunk=how.chunk,
+        buffers=how.buffers,
+        digests=True,
+        progress=how.progress,
+        delay=how.delay,
+        files=how.files,
     )
     digests = reader.write(lead_in, ranges)
     for index, key in enumerate(keys):
