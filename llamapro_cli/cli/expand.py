@@ -141,17 +141,7 @@ def expand(
             hub_repo_id=push_to_hub,
         )
     if not quiet:
-        for warning in report.warnings:
-            console.warn(warning)
-        if report.not_copied:
-            console.warn(
-                "not copied (other weight formats, unknown files, links out of the folder): "
-                + ", ".join(report.not_copied)
-            )
-    if not quiet:
-        oversized = oversized_shards(report, max_shard_size)
-        if oversized:
-            console.note(f"note: {oversized}")
+        warn_about_output(report, max_shard_size)
     if json_:
         console.print_json(report)
     else:
@@ -161,6 +151,21 @@ def expand(
 
 
 COMMAND = CommandSpec("expand", expand, EXAMPLES)
+
+
+def warn_about_output(report: ExpandReport, max_shard_size: str) -> None:
+    """On stderr: the plan's and the run's warnings, what was not carried over, oversized shards
+    (expand and relayer write the same kind of output)."""
+    for warning in report.warnings:
+        console.warn(warning)
+    if report.not_copied:
+        console.warn(
+            "not copied (other weight formats, unknown files, links out of the folder): "
+            + ", ".join(report.not_copied)
+        )
+    oversized = oversized_shards(report, max_shard_size)
+    if oversized:
+        console.note(f"note: {oversized}")
 
 
 def oversized_shards(report: ExpandReport, max_shard_size: str) -> str | None:

@@ -18,7 +18,7 @@ import typer
 from llamapro_cli.card import human_count
 from llamapro_cli.cli import console
 from llamapro_cli.cli.console import human_bytes, layer_ranges
-from llamapro_cli.cli.expand import engines_text, oversized_shards
+from llamapro_cli.cli.expand import engines_text, warn_about_output
 from llamapro_cli.cli.options import CommandSpec, JsonOpt, QuietOpt, RevisionOpt
 
 if TYPE_CHECKING:
@@ -105,16 +105,7 @@ def relayer(
             command=command,
         )
     if not quiet:
-        for warning in report.warnings:
-            console.warn(warning)
-        if report.not_copied:
-            console.warn(
-                "not copied (other weight formats, unknown files, links out of the folder): "
-                + ", ".join(report.not_copied)
-            )
-        oversized = oversized_shards(report, max_shard_size)
-        if oversized:
-            console.note(f"note: {oversized}")
+        warn_about_output(report, max_shard_size)
     if json_:
         console.print_json(report)
     else:
